@@ -1,0 +1,59 @@
+# One-command set-up and the main jobs. Everything runs offline on the embedded default.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HARNESS := $(VENV)/bin/harness
+EXPERIMENT ?= experiments/default.yaml
+DATA ?= artifacts/data/synth
+
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export WANDB_MODE ?= offline
+export WANDB_SILENT := true
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test test-slow reproduce data teachers figures lint bench wandb-sync clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade "pip>=24"
+	$(VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(VENV)/bin/pip install -q -r requirements.txt -c constraints.txt
+	$(VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+test: install
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+data: install
+	$(HARNESS) data make --out $(DATA)
+
+# Trained teachers are committed; this retrains only the ones missing.
+teachers: data
+	@for t in tiny-llava tiny-bunny; do \
+	  test -f artifacts/teachers/$$t/config.json || $(HARNESS) teacher train $$t --data $(DATA) || exit 1; \
+	done
+
+reproduce: teachers
+	$(HARNESS) grid run $(EXPERIMENT)
+
+figures: install
+	$(PY) -m analysis
+
+lint: install
+	$(VENV)/bin/ruff check harness analysis tests benchmarks
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+wandb-sync: install
+	@ls -d artifacts/wandb/wandb/offline-run-* >/dev/null 2>&1 || { echo "no offline W&B runs"; exit 0; }
+	$(VENV)/bin/wandb sync --sync-all artifacts/wandb/wandb
+
+clean:
+	rm -rf artifacts/grid artifacts/wandb artifacts/importance

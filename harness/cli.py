@@ -1,0 +1,178 @@
+"""`harness` command line: each subcommand maps to one plain function.
+
+Every user-facing failure is a `HarnessError`; it is printed as one line on stderr
+and the process exits with status 2, having written nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+DEFAULT_DATA = "artifacts/data/synth"
+
+
+def _offline_defaults() -> None:
+    """No hub is reachable on the machines this runs on by default; never try."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cmd_data_make(args) -> None:
+    from harness.data.make import WorldSpec, make_world
+
+    spec = WorldSpec(seed=args.seed, mix_size=args.mix_size, benchmark_size=args.benchmark_size)
+    out = make_world(args.out, spec, overwrite=args.overwrite)
+    print(f"world written to {out} ({spec.mix_size} training samples, {spec.benchmark_size} items per benchmark)")
+
+
+def cmd_teacher_train(args) -> None:
+    from harness.models.loading import TEACHERS_DIR
+    from harness.recovery.teacher import train_teacher
+
+    out = Path(args.out) if args.out else TEACHERS_DIR / args.name
+    if out.exists() and not args.overwrite:
+        raise HarnessError(f"{out} exists; pass --overwrite to retrain")
+    summary = train_teacher(args.name, args.data, out, seed=args.seed)
+    print(f"teacher {args.name} written to {out} in {summary['train_time_s']:.0f} s")
+    if not args.skip_eval:
+        from harness.evaluation.evaluate import evaluate
+
+        result = evaluate(str(out), "synth", out / "eval.json", data_dir=Path(args.data) / "benchmarks")
+        print(json.dumps(result["scores"], indent=1))
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    """`--set lr=1e-4 --set language_model=full` -> typed dict (YAML scalars)."""
+    import yaml
+
+    out = {}
+    for item in pairs or []:
+        if "=" not in item:
+            raise HarnessError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def cmd_recover(args) -> None:
+    from harness.recovery.train import recover
+
+    record = recover(args.teacher, args.student, args.recipe, args.data, args.data_fraction, args.out,
+                     overrides=_parse_overrides(args.set))
+    print(f"recovered student written to {args.out}: {record['steps']} steps, "
+          f"{record['num_samples']} samples, {record['wall_time_s']:.0f} s")
+
+
+def cmd_grid(args) -> None:
+    from harness.grid import commands
+
+    commands.run_command(args)
+
+
+def cmd_convert_bunny(args) -> None:
+    from harness.convert.bunny import convert_bunny
+
+    dst = convert_bunny(args.src, args.dst)
+    print(f"converted Bunny checkpoint written to {dst}")
+
+
+def cmd_report(args) -> None:
+    from analysis.__main__ import main as report_main
+
+    code = report_main([*args.experiments] + (["--wandb"] if args.wandb else []))
+    if code:
+        raise SystemExit(code)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harness", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="the synthetic multimodal world").add_subparsers(dest="action", required=True)
+    make = data.add_parser("make", help="generate the training mix and benchmark splits")
+    make.add_argument("--out", default=DEFAULT_DATA)
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--mix-size", type=int, default=20000)
+    make.add_argument("--benchmark-size", type=int, default=400)
+    make.add_argument("--overwrite", action="store_true")
+    make.set_defaults(func=cmd_data_make)
+
+    teacher = sub.add_parser("teacher", help="embedded teachers").add_subparsers(dest="action", required=True)
+    tt = teacher.add_parser("train", help="train an embedded teacher (two LLaVA stages)")
+    tt.add_argument("name")
+    tt.add_argument("--data", default=DEFAULT_DATA)
+    tt.add_argument("--out", default=None, help="default: artifacts/teachers/NAME")
+    tt.add_argument("--seed", type=int, default=0)
+    tt.add_argument("--overwrite", action="store_true")
+    tt.add_argument("--skip-eval", action="store_true")
+    tt.set_defaults(func=cmd_teacher_train)
+
+    from harness.pruning.prune import add_prune_parser
+
+    add_prune_parser(sub)
+
+    rec = sub.add_parser("recover", help="recovery training of a pruned student")
+    rec.add_argument("--teacher", required=True)
+    rec.add_argument("--student", required=True)
+    rec.add_argument("--recipe", required=True)
+    rec.add_argument("--data-fraction", type=float, default=1.0)
+    rec.add_argument("--data", default=DEFAULT_DATA)
+    rec.add_argument("--out", required=True)
+    rec.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe setting")
+    rec.set_defaults(func=cmd_recover)
+
+    from harness.evaluation.evaluate import add_eval_parser
+
+    add_eval_parser(sub)
+
+    grid = sub.add_parser("grid", help="experiment grids").add_subparsers(dest="action", required=True)
+    for action, help_ in (("plan", "print the cells and what is done"), ("run", "run what is missing"),
+                          ("status", "summarise progress")):
+        g = grid.add_parser(action, help=help_)
+        g.add_argument("spec")
+        if action == "plan":
+            g.add_argument("--dry-run", action="store_true", help="build real configs on the meta device")
+        if action == "run":
+            g.add_argument("--backend", choices=["local", "slurm", "submitit-local"], default="local")
+            g.add_argument("--retry-failed", action="store_true")
+            g.add_argument("--no-figures", action="store_true")
+        g.set_defaults(func=cmd_grid)
+
+    conv = sub.add_parser("convert", help="convert checkpoints").add_subparsers(dest="action", required=True)
+    cb = conv.add_parser("bunny", help="Bunny-v1.0 (remote code) -> native LlavaForConditionalGeneration")
+    cb.add_argument("src")
+    cb.add_argument("dst")
+    cb.set_defaults(func=cmd_convert_bunny)
+
+    rep = sub.add_parser("report", help="tables, figures and findings from results/")
+    rep.add_argument("experiments", nargs="*")
+    rep.add_argument("--wandb", action="store_true")
+    rep.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _offline_defaults()
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

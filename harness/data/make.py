@@ -1,0 +1,128 @@
+"""`harness data make`: write the synthetic world to disk.
+
+Layout (the training mix uses the LLaVA-v1.5 JSON format, so the same loader reads
+LLaVA-665k or Bunny-695k):
+
+    OUT/mix.json                 [{id, image, conversations: [{from, value}, ...]}, ...]
+    OUT/images/000123.png
+    OUT/benchmarks/<task>.parquet  held-out splits with embedded images
+    OUT/manifest.json            the generating config and the file list
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from harness.data import world
+from harness.errors import HarnessError
+from harness.io import atomic_dir
+
+BENCHMARKS = ("synth_gqa", "synth_pope", "synth_mme", "synth_sqa", "synth_count", "synth_docvqa")
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    seed: int = 0
+    mix_size: int = 20000
+    benchmark_size: int = 400
+    min_turns: int = 3
+    max_turns: int = 6
+
+    def validate(self) -> None:
+        if self.mix_size < 1:
+            raise HarnessError(f"mix_size must be >= 1, got {self.mix_size}")
+        if self.benchmark_size < 2:
+            raise HarnessError(f"benchmark_size must be >= 2, got {self.benchmark_size}")
+        if not 1 <= self.min_turns <= self.max_turns:
+            raise HarnessError(f"need 1 <= min_turns <= max_turns, got {self.min_turns}, {self.max_turns}")
+
+
+def _png_bytes(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_mix(spec: WorldSpec, out: Path) -> int:
+    rng = random.Random(f"mix-{spec.seed}")
+    (out / "images").mkdir(parents=True)
+    records = []
+    for i in range(spec.mix_size):
+        scene = world.random_scene(rng)
+        name = f"images/{i:06d}.png"
+        (out / name).write_bytes(_png_bytes(world.render(scene, noise_seed=rng.getrandbits(32))))
+        turns = world.training_turns(scene, rng, rng.randint(spec.min_turns, spec.max_turns))
+        conversations = []
+        for k, (q, a) in enumerate(turns):
+            conversations.append({"from": "human", "value": ("<image>\n" + q) if k == 0 else q})
+            conversations.append({"from": "gpt", "value": a})
+        records.append({"id": f"synth-{i:06d}", "image": name, "conversations": conversations})
+    (out / "mix.json").write_text(json.dumps(records, indent=0, sort_keys=True))
+    return len(records)
+
+
+def _benchmark_rows(task: str, spec: WorldSpec) -> list[dict]:
+    """Held-out items: a seed stream of their own, so no benchmark image is in the mix."""
+    rng = random.Random(f"{task}-{spec.seed}")
+    rows: list[dict] = []
+    n = spec.benchmark_size
+    while len(rows) < n:
+        scene = world.random_scene(rng, text_prob=1.0 if task == "synth_docvqa" else 0.25)
+        image = {"bytes": _png_bytes(world.render(scene, rng.getrandbits(32))), "path": None}
+        qid = f"{task}-{len(rows):05d}"
+        if task == "synth_mme":
+            pair = world.ask_mme_pair(scene, rng)
+            for k, q in enumerate(pair or []):
+                rows.append(dict(q, question_id=f"{qid}-{k}", image_id=qid, image=image))
+            continue
+        if task == "synth_pope":
+            negative = ["random", "popular", "adversarial"][len(rows) % 3]
+            q = world.ask_pope(scene, rng, negative, positive=(len(rows) // 3) % 2 == 0)
+        else:
+            ask = {"synth_gqa": world.ask_gqa, "synth_sqa": world.ask_sqa,
+                   "synth_count": world.ask_count, "synth_docvqa": world.ask_text}[task]
+            q = ask(scene, rng)
+        if q is not None:
+            rows.append(dict(q, question_id=qid, image=image))
+    return rows[:n]
+
+
+def make_benchmarks(spec: WorldSpec, out: Path) -> dict[str, int]:
+    from datasets import Dataset, Features, Image, Value
+
+    out.mkdir(parents=True)
+    sizes = {}
+    for task in BENCHMARKS:
+        rows = _benchmark_rows(task, spec)
+        columns = sorted({k for r in rows for k in r})
+        data = {c: [r.get(c) for r in rows] for c in columns}
+        if "options" in data:
+            data["options"] = [json.dumps(o) for o in data["options"]]
+        features = Features({c: Image() if c == "image" else Value("string") for c in columns})
+        Dataset.from_dict(data, features=features).to_parquet(str(out / f"{task}.parquet"))
+        sizes[task] = len(rows)
+    return sizes
+
+
+def make_world(out: str | Path, spec: WorldSpec = WorldSpec(), overwrite: bool = False) -> Path:
+    """Write the whole world atomically; the same spec always gives the same bytes."""
+    spec.validate()
+    out = Path(out)
+    if out.exists():
+        manifest = out / "manifest.json"
+        if manifest.exists() and json.loads(manifest.read_text())["spec"] == asdict(spec) and not overwrite:
+            return out
+        if not overwrite:
+            raise HarnessError(f"{out} exists and holds a different world; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    with atomic_dir(out) as tmp:
+        n_mix = make_mix(spec, tmp)
+        sizes = make_benchmarks(spec, tmp / "benchmarks")
+        manifest = {"spec": asdict(spec), "mix_size": n_mix, "benchmarks": sizes}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return out

@@ -1,0 +1,1 @@
+"""Experiment grids: specs, content-addressed stages, local and SLURM runners, tidy results."""

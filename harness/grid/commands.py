@@ -1,0 +1,60 @@
+"""`harness grid plan|run|status`: the plain functions behind the subcommands."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from harness.grid import runner
+from harness.grid.spec import load_spec
+from harness.grid.stages import check_inputs
+
+
+def plan_text(plan: runner.Plan) -> str:
+    lines = [f"experiment {plan.spec.name}: {len(plan.cells)} cells, {len(plan.stages)} distinct stages"]
+    for cell, ids in plan.cell_stages.items():
+        states = " ".join(f"{kind}={runner.stage_state(plan.stages[k])}" for kind, k in ids.items())
+        lines.append(f"  {cell.label:60s} {states}")
+    counts = Counter((s.kind, runner.stage_state(s)) for s in plan.stages.values())
+    lines.append("stages: " + ", ".join(f"{k} {state}: {n}" for (k, state), n in sorted(counts.items())))
+    return "\n".join(lines)
+
+
+def run_command(args) -> None:
+    spec = load_spec(args.spec)
+    if args.action == "plan" and getattr(args, "dry_run", False):
+        from harness.grid.dryrun import dry_run
+
+        print(dry_run(spec))
+        return
+    check_inputs(spec)
+    plan = runner.build_plan(spec)
+    if args.action == "plan":
+        print(plan_text(plan))
+        return
+    if args.action == "status":
+        counts = Counter(runner.stage_state(s) for s in plan.stages.values())
+        done = sum(plan.stages[ids["eval"]].done() for ids in plan.cell_stages.values())
+        print(f"experiment {spec.name}: cells done {done}/{len(plan.cells)}; stages " +
+              ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+        for s in plan.stages.values():
+            if (f := s.failure()) and not s.done():
+                print(f"  failed {s.kind} {s.key}: {f['reason']}")
+        return
+    print(plan_text(plan))
+    if args.backend == "local":
+        summary = runner.run_local(plan, args.retry_failed)
+    else:
+        summary = runner.run_submitit(plan, args.backend, args.retry_failed)
+    out = runner.write_results(plan)
+    overhead = (summary["wall_s"] - summary["compute_s"]) / max(summary["wall_s"], 1e-9)
+    print(json.dumps({"wall_s": round(summary["wall_s"], 1), "compute_s": round(summary["compute_s"], 1),
+                      "grid_overhead": round(overhead, 4), "failed": summary["failed"]}, indent=1))
+    if out is not None:
+        print(f"results written to {out}/cells.csv")
+        if not args.no_figures:
+            from analysis.report import write_report
+
+            print(f"report written to {write_report(out)}")
+    if summary["failed"]:
+        raise SystemExit(1)

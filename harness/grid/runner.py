@@ -1,0 +1,219 @@
+"""Turn a spec into a DAG of shared stages, run what is missing, and write tidy results.
+
+Safety: every stage writes atomically and is done exactly when its artifact exists;
+a file lock per stage stops two runners (or SLURM array tasks) from computing the
+same stage; a failing stage is recorded with its reason and its cells are skipped
+until `--retry-failed`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from harness.errors import HarnessError
+from harness.grid import stages as st
+from harness.grid.spec import Cell, Spec
+from harness.io import read_json
+
+
+@dataclass
+class Plan:
+    spec: Spec
+    cells: list[Cell]
+    stages: dict[str, st.Stage] = field(default_factory=dict)  # key -> stage, in dependency order
+    cell_stages: dict[Cell, dict[str, str]] = field(default_factory=dict)  # cell -> {teacher-eval, final-eval, ...}
+
+    def add(self, stage: st.Stage) -> str:
+        self.stages.setdefault(stage.key, stage)
+        return stage.key
+
+
+def build_plan(spec: Spec) -> Plan:
+    plan = Plan(spec, spec.cells())
+    data = str(Path(spec.data))
+    ev = {k: v for k, v in spec.eval_settings.items() if v is not None}
+    fps = {t: st.fingerprint(t) for t in spec.teachers}
+    for cell in plan.cells:
+        base = {"data": data, "tasks": spec.tasks}
+        t_eval = plan.add(st.Stage("teacher-eval", {**base, "teacher": cell.teacher, "teacher_fp": fps[cell.teacher],
+                                                    "settings": ev}))
+        prune_settings = {**spec.prune_settings, **spec.method_settings.get(cell.method, {})}
+        prune = plan.add(st.Stage("prune", {"teacher": cell.teacher, "teacher_fp": fps[cell.teacher], "data": data,
+                                            "method": cell.method, "ratio": cell.ratio, "settings": prune_settings}))
+        final_model, deps = f"pruned/{prune}", [prune]
+        ids = {"teacher-eval": t_eval, "prune": prune}
+        if cell.recovery != "none":
+            settings = {**spec.recover_settings, **spec.recipe_settings.get(cell.recovery, {}), "seed": cell.seed}
+            rec = plan.add(st.Stage("recover", {"teacher": cell.teacher, "teacher_fp": fps[cell.teacher],
+                                                "student": prune, "recipe": cell.recovery, "data": data,
+                                                "data_fraction": cell.data_fraction, "settings": settings},
+                                    deps=[prune]))
+            final_model, deps = f"recovered/{rec}", [rec]
+            ids["recover"] = rec
+        ids["eval"] = plan.add(st.Stage("eval", {**base, "model_dir": final_model, "settings": ev}, deps=deps))
+        plan.cell_stages[cell] = ids
+    return plan
+
+
+def stage_state(stage: st.Stage) -> str:
+    if stage.done():
+        return "done"
+    return "failed" if stage.failure() else "todo"
+
+
+def _blocked(plan: Plan, stage: st.Stage, retry_failed: bool) -> str | None:
+    for dep in stage.deps:
+        d = plan.stages[dep]
+        if not d.done():
+            return f"depends on {d.kind} {dep}, which is not done"
+    if stage.failure() and not retry_failed:
+        return f"failed before: {stage.failure()['reason']} (rerun with --retry-failed)"
+    return None
+
+
+def ensure(plan: Plan, stage: st.Stage, retry_failed: bool = False, log=print) -> float:
+    """Run `stage` unless done; return compute seconds spent (0 if skipped)."""
+    if stage.done():
+        return 0.0
+    reason = _blocked(plan, stage, retry_failed)
+    if reason:
+        raise HarnessError(reason)
+    lock_path = st.GRID_ROOT / "locks" / f"{stage.key}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log(f"  {stage.kind} {stage.key}: another runner holds it; waiting")
+        lock.acquire()
+    try:
+        if stage.done():  # finished by the other runner while we waited
+            return 0.0
+        st.clear_failure(stage)
+        log(f"  {stage.kind} {stage.key} ...")
+        try:
+            seconds = st.run_stage(stage, plan.spec.name)
+        except Exception as e:
+            st.record_failure(stage, e)
+            raise
+        log(f"  {stage.kind} {stage.key} done in {seconds:.1f} s")
+        return seconds
+    finally:
+        lock.release()
+
+
+def run_local(plan: Plan, retry_failed: bool = False, log=print) -> dict:
+    """Run every missing stage in this process (torch and lmms-eval are imported once)."""
+    t0 = time.perf_counter()
+    compute, failed = 0.0, {}
+    for key, stage in plan.stages.items():
+        try:
+            compute += ensure(plan, stage, retry_failed, log)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # recorded on disk; the other cells go on
+            failed[key] = str(e).splitlines()[0] if str(e) else type(e).__name__
+            log(f"  {stage.kind} {key} FAILED: {failed[key]}")
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "compute_s": compute, "failed": failed}
+
+
+class StageJob:
+    """A submitit job that runs one stage; requeued on preemption (stages are idempotent)."""
+
+    def __init__(self, spec_path: str, key: str, retry_failed: bool):
+        self.spec_path, self.key, self.retry_failed = spec_path, key, retry_failed
+
+    def __call__(self) -> float:
+        from harness.grid.spec import load_spec
+
+        plan = build_plan(load_spec(self.spec_path))
+        return ensure(plan, plan.stages[self.key], self.retry_failed)
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(StageJob(self.spec_path, self.key, self.retry_failed))
+
+
+def waves(plan: Plan) -> list[list[str]]:
+    """Stages grouped by dependency depth: each wave is one job array."""
+    depth: dict[str, int] = {}
+    for key, stage in plan.stages.items():
+        depth[key] = 1 + max((depth[d] for d in stage.deps), default=-1)
+    out: list[list[str]] = [[] for _ in range(max(depth.values()) + 1)]
+    for key, d in depth.items():
+        if not plan.stages[key].done():
+            out[d].append(key)
+    return [w for w in out if w]
+
+
+def run_submitit(plan: Plan, backend: str, retry_failed: bool = False, log=print, executor_params=None) -> dict:
+    """SLURM job arrays through submitit (`submitit-local` runs the same on this machine)."""
+    import submitit
+
+    t0 = time.perf_counter()
+    folder = st.GRID_ROOT / "submitit" / plan.spec.name
+    if backend == "slurm":
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    else:
+        executor = submitit.LocalExecutor(folder=folder)
+    executor.update_parameters(timeout_min=600, **(executor_params or {}))
+    compute, failed = 0.0, {}
+    for wave in waves(plan):
+        jobs = executor.submit_array([StageJob(str(plan.spec.path), k, retry_failed) for k in wave])
+        for key, job in zip(wave, jobs):
+            try:
+                compute += job.result()
+            except Exception as e:
+                failed[key] = str(e).strip().splitlines()[-1] if str(e) else type(e).__name__
+                log(f"  {plan.stages[key].kind} {key} FAILED: {failed[key]}")
+    return {"wall_s": time.perf_counter() - t0, "compute_s": compute, "failed": failed}
+
+
+def collect_rows(plan: Plan) -> list[dict]:
+    """One row per (cell, benchmark, metric) for every cell whose evaluation is done."""
+    rows = []
+    for cell, ids in plan.cell_stages.items():
+        final, teacher = plan.stages[ids["eval"]], plan.stages[ids["teacher-eval"]]
+        if not (final.done() and teacher.done()):
+            continue
+        res, t_res = read_json(final.output), read_json(teacher.output)
+        pruning = read_json(plan.stages[ids["prune"]].output / "pruning.json")
+        primary = res.get("primary", {})
+        for bench, metrics in res["scores"].items():
+            for metric, score in metrics.items():
+                if not isinstance(score, (int, float)):
+                    continue
+                t_score = t_res["scores"].get(bench, {}).get(metric)
+                retained = 100.0 * score / t_score if t_score else float("nan")
+                rows.append({
+                    "experiment": plan.spec.name, "cell": cell.label, **asdict(cell),
+                    "ratio_achieved": pruning.get("ratio_achieved"), "benchmark": bench, "metric": metric,
+                    "primary": primary.get(bench) == metric, "score": float(score),
+                    "teacher_score": t_score, "retained": retained,
+                })
+    return rows
+
+
+def write_results(plan: Plan, results_root: Path = Path("results")) -> Path | None:
+    import pandas as pd
+
+    from harness.io import atomic_write_text
+
+    rows = collect_rows(plan)
+    if not rows:
+        return None
+    out = results_root / plan.spec.name
+    out.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame(rows).sort_values(["teacher", "method", "ratio", "recovery", "data_fraction", "seed",
+                                         "benchmark", "metric"]).reset_index(drop=True)
+    atomic_write_text(out / "cells.csv", df.to_csv(index=False))
+    tmp = out / ".cells.parquet.tmp"
+    df.to_parquet(tmp, index=False)
+    tmp.replace(out / "cells.parquet")
+    return out

@@ -1,0 +1,105 @@
+"""Where things live inside each language-model family, so no other code hard-codes module paths.
+
+Pruning, LoRA targeting and distillation ask the adapter for decoder layers, attention
+and MLP projections; adding a family means adding one `Family` entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from harness.errors import HarnessError
+
+
+@dataclass(frozen=True)
+class Family:
+    """Names of the projections in one decoder layer. `*_in` are sliced by rows, `*_out` by columns."""
+
+    attn_in: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+    attn_out: str = "o_proj"
+    mlp_in: tuple[str, ...] = ("gate_proj", "up_proj")
+    mlp_out: str = "down_proj"
+    attn: str = "self_attn"
+    mlp: str = "mlp"
+
+
+LLAMA_LIKE = Family()
+FAMILIES = {
+    "llama": LLAMA_LIKE,
+    "mistral": LLAMA_LIKE,
+    "qwen2": LLAMA_LIKE,
+    "phi": Family(attn_out="dense", mlp_in=("fc1",), mlp_out="fc2"),
+}
+
+
+class LMAdapter:
+    """Uniform view of the language model inside a `LlavaForConditionalGeneration`."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config.text_config
+        self.family_name = self.config.model_type
+        if self.family_name not in FAMILIES:
+            raise HarnessError(
+                f"unsupported language-model family {self.family_name!r}; supported: {', '.join(sorted(FAMILIES))}"
+            )
+        self.family = FAMILIES[self.family_name]
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The base decoder (embeddings, layers, final norm), without the LM head."""
+        return self.model.model.language_model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.decoder.layers
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.model.lm_head
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    def attn(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.family.attn)
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.family.mlp)
+
+    def attn_linears(self, layer: nn.Module) -> tuple[list[nn.Linear], nn.Linear]:
+        a = self.attn(layer)
+        return [getattr(a, n) for n in self.family.attn_in], getattr(a, self.family.attn_out)
+
+    def mlp_linears(self, layer: nn.Module) -> tuple[list[nn.Linear], nn.Linear]:
+        m = self.mlp(layer)
+        return [getattr(m, n) for n in self.family.mlp_in], getattr(m, self.family.mlp_out)
+
+    @property
+    def linear_names(self) -> list[str]:
+        """Leaf names of every decoder linear layer (LoRA targets)."""
+        f = self.family
+        return [*f.attn_in, f.attn_out, *f.mlp_in, f.mlp_out]
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return getattr(self.config, "num_key_value_heads", None) or self.num_heads
+
+    def lm_parameters(self) -> int:
+        """Parameters of the language model, embeddings and LM head included (the paper's LM size)."""
+        return sum(p.numel() for p in self.decoder.parameters()) + self.lm_head.weight.numel()

@@ -1,0 +1,142 @@
+"""The embedded default models: LLaVA- and Bunny-shaped MLLMs sized for 2 CPU cores.
+
+They are plain `LlavaForConditionalGeneration` models with a tokenizer built from the
+synthetic world's vocabulary, so every stage of the harness runs on them exactly as
+it runs on LLaVA-v1.5-7B or Bunny-v1.0-3B.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenizers import Tokenizer, normalizers, pre_tokenizers
+from tokenizers import decoders as tk_decoders
+from tokenizers.models import WordLevel
+
+from harness.data import world
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+
+# LLaVA-v1.5's conversation format ("USER: ... ASSISTANT: ...</s>") without a system prompt.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>{{ '\n' }}{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %} "
+    "{% else %}ASSISTANT: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}{{ item['text'] }}{% endfor %}{% endif %}</s>"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def build_tokenizer():
+    """A word-level tokenizer over the world's vocabulary, with a SentencePiece-like space marker."""
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    pieces = set()
+    for text in world.vocabulary_texts():
+        pieces.update(tok for tok, _ in pre.pre_tokenize_str(text.lower()))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for piece in sorted(pieces):
+        vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Replace("\n", " "), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre
+    tok.decoder = tk_decoders.Metaspace()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        chat_template=CHAT_TEMPLATE,
+        padding_side="left",
+        model_max_length=512,
+    )
+
+
+@dataclass(frozen=True)
+class EmbeddedSpec:
+    """How one embedded model is shaped; `text` and `vision` are transformers config kwargs."""
+
+    name: str
+    vision_type: str  # "clip_vision_model" | "siglip_vision_model"
+    text_type: str  # "llama" | "phi" | "mistral" | "qwen2"
+    feature_strategy: str  # "default" drops CLS (CLIP); "full" keeps all tokens (SigLIP)
+    text: dict = field(default_factory=dict)
+    vision: dict = field(default_factory=dict)
+
+
+_VISION = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+               image_size=world.IMAGE_SIZE, patch_size=world.CELL)
+_LM = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=12, num_attention_heads=8,
+           max_position_embeddings=512, tie_word_embeddings=False)
+
+EMBEDDED: dict[str, EmbeddedSpec] = {
+    "tiny-llava": EmbeddedSpec("tiny-llava", "clip_vision_model", "llama", "default",
+                               text=dict(_LM, num_key_value_heads=8, rms_norm_eps=1e-5), vision=_VISION),
+    "tiny-bunny": EmbeddedSpec("tiny-bunny", "siglip_vision_model", "phi", "full",
+                               text=dict(_LM, num_key_value_heads=8, partial_rotary_factor=0.5,
+                                         resid_pdrop=0.0, embd_pdrop=0.0), vision=_VISION),
+    # Test-only variants: grouped-query attention in the Llama and Qwen2 styles.
+    "tiny-llava-gqa": EmbeddedSpec("tiny-llava-gqa", "clip_vision_model", "mistral", "default",
+                                   text=dict(_LM, num_key_value_heads=2, sliding_window=None), vision=_VISION),
+    "tiny-qwen2": EmbeddedSpec("tiny-qwen2", "siglip_vision_model", "qwen2", "full",
+                               text=dict(_LM, num_key_value_heads=4), vision=_VISION),
+}
+
+
+def build_embedded(name: str, seed: int = 0, scale: dict | None = None):
+    """A randomly initialised embedded model and its processor.
+
+    `scale` overrides text-config fields (tests use it to shrink the language model).
+    """
+    import torch
+    from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    spec = EMBEDDED[name]
+    tokenizer = build_tokenizer()
+    text_kwargs = dict(spec.text, **(scale or {}))
+    text_cfg = AutoConfig.for_model(
+        spec.text_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **text_kwargs
+    )
+    vision_cfg = AutoConfig.for_model(spec.vision_type, **spec.vision)
+    n_patches = (world.IMAGE_SIZE // world.CELL) ** 2
+    config = LlavaConfig(
+        vision_config=vision_cfg.to_dict(), text_config=text_cfg.to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu", vision_feature_layer=-2,
+        vision_feature_select_strategy=spec.feature_strategy, image_seq_length=n_patches,
+        tie_word_embeddings=False,
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model, build_processor(spec, tokenizer)
+
+
+def build_processor(spec: EmbeddedSpec, tokenizer):
+    from transformers import CLIPImageProcessor, LlavaProcessor, SiglipImageProcessor
+
+    size = world.IMAGE_SIZE
+    if spec.vision_type == "clip_vision_model":
+        image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        extra = 1  # the CLS token, dropped by the "default" strategy
+    else:
+        image_processor = SiglipImageProcessor(size={"height": size, "width": size})
+        extra = 0
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=world.CELL,
+        vision_feature_select_strategy=spec.feature_strategy, num_additional_image_tokens=extra,
+        chat_template=CHAT_TEMPLATE,
+    )

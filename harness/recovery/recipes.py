@@ -1,0 +1,125 @@
+"""Recipes: what is trained (per component) x which losses x their weights x optimisation.
+
+Presets are compositions, not code paths: every recipe runs through the same
+Lightning module. Loss = ce * CE + kl * KL(T) + hidden * MSE, so the paper's
+`alpha*KD + (1-alpha)*CE` is `ce=1-alpha, kl=alpha` (and so on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from harness.errors import HarnessError
+
+TUNE_TYPES = ("frozen", "full", "lora")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "custom"
+    # Per-component tune types, as in TinyLLaVA_Factory.
+    vision: str = "frozen"
+    projector: str = "full"
+    language_model: str = "frozen"
+    # Loss weights.
+    ce: float = 1.0
+    kl: float = 0.0
+    hidden: float = 0.0
+    temperature: float = 2.0
+    kl_direction: str = "forward"  # forward: KL(teacher || student); reverse: KL(student || teacher)
+    kl_reduction: str = "token_mean"  # or "batch_sum": summed over positions and vocab / batch (paper's code)
+    # (student hidden index, teacher hidden index) pairs; default: the final (normed) hidden state.
+    # "kept" maps every kept layer of a depth-pruned student to its original teacher layer.
+    hidden_pairs: tuple | str = ((-1, -1),)
+    # LoRA (language model only).
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    # Optimisation.
+    lr: float = 1e-3
+    projector_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 32
+    accumulate: int = 1
+    clip: float = 1.0
+    max_length: int = 512
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.kl > 0 or self.hidden > 0
+
+    def validate(self) -> "Recipe":
+        for part in ("vision", "projector", "language_model"):
+            if getattr(self, part) not in TUNE_TYPES:
+                raise HarnessError(f"recipe {self.name}: {part} must be one of {TUNE_TYPES}, got {getattr(self, part)!r}")
+        if self.vision == "lora" or self.projector == "lora":
+            raise HarnessError(f"recipe {self.name}: LoRA is supported for the language model only")
+        if min(self.ce, self.kl, self.hidden) < 0 or self.ce + self.kl + self.hidden == 0:
+            raise HarnessError(f"recipe {self.name}: loss weights must be >= 0 and not all zero")
+        if self.kl_direction not in ("forward", "reverse"):
+            raise HarnessError(f"recipe {self.name}: kl_direction must be forward or reverse")
+        if self.kl_reduction not in ("token_mean", "batch_sum"):
+            raise HarnessError(f"recipe {self.name}: kl_reduction must be token_mean or batch_sum")
+        if self.temperature <= 0 or self.lr <= 0 or self.batch_size < 1 or self.accumulate < 1:
+            raise HarnessError(f"recipe {self.name}: temperature, lr, batch_size and accumulate must be positive")
+        if all(getattr(self, p) == "frozen" for p in ("vision", "projector", "language_model")):
+            raise HarnessError(f"recipe {self.name}: nothing is trainable")
+        return self
+
+    def with_overrides(self, **overrides) -> "Recipe":
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise HarnessError(f"unknown recipe setting(s): {', '.join(unknown)}")
+        if isinstance(overrides.get("hidden_pairs"), list):
+            overrides["hidden_pairs"] = tuple(tuple(p) for p in overrides["hidden_pairs"])
+        return dataclasses.replace(self, **overrides).validate()
+
+
+ALPHA = 0.5
+_LORA = dict(language_model="lora")
+
+PRESETS: dict[str, Recipe] = {
+    r.name: r
+    for r in [
+        Recipe("proj-sft"),
+        Recipe("lora-sft", **_LORA),
+        Recipe("full-sft", language_model="full"),
+        Recipe("kd-logit", **_LORA, ce=0.0, kl=1.0),
+        Recipe("kd-hidden", **_LORA, ce=0.0, hidden=1.0),
+        Recipe("sft+kd-logit", **_LORA, ce=1 - ALPHA, kl=ALPHA),
+        Recipe("sft+kd-hidden", **_LORA, ce=1 - ALPHA, hidden=ALPHA),
+        Recipe("sft+kd-logit+hidden", **_LORA, ce=1 - ALPHA, kl=ALPHA, hidden=ALPHA),
+        # Training the embedded teachers, in LLaVA's two stages; the vision tower is
+        # trained in stage 2 because no pretrained CLIP/SigLIP can be downloaded here.
+        Recipe("teacher-align", lr=2e-3, batch_size=64, warmup_ratio=0.05),
+        Recipe("teacher-full", vision="full", language_model="full", lr=1.5e-3, batch_size=64,
+               weight_decay=0.01, warmup_ratio=0.03),
+    ]
+}
+
+# The paper's settings for the real models (../shared/paper/REFERENCE.md).
+PAPER_SETTINGS = {
+    "llava": dict(lr=2e-5, projector_lr=2e-5, epochs=1.0, warmup_ratio=0.03, weight_decay=0.0,
+                  lora_r=128, lora_alpha=256, lora_dropout=0.05, temperature=2.0, max_length=2048,
+                  batch_size=16, kl_reduction="batch_sum"),
+    "bunny": dict(lr=2e-5, projector_lr=2e-5, epochs=1.0, warmup_ratio=0.03, weight_decay=0.0,
+                  lora_r=64, lora_alpha=16, lora_dropout=0.05, temperature=2.0, max_length=2048,
+                  batch_size=16, kl_reduction="batch_sum"),
+}
+
+
+def get_recipe(name: str, **overrides) -> Recipe:
+    if name not in PRESETS:
+        import difflib
+
+        close = difflib.get_close_matches(name, PRESETS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise HarnessError(f"unknown recipe {name!r}{hint}; known: {', '.join(PRESETS)}")
+    return PRESETS[name].with_overrides(**overrides)

@@ -1,0 +1,135 @@
+"""Run a recipe through the Lightning Trainer and save an HF-native student.
+
+`train` is shared by teacher training and recovery; `recover` adds the teacher,
+the pruned student's metadata and `recovery.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from harness.errors import HarnessError
+from harness.io import atomic_dir, write_json
+from harness.recovery.module import RecoveryModule, merge_lora
+from harness.recovery.recipes import Recipe, get_recipe
+
+ARTIFACTS = Path(os.environ.get("HARNESS_ARTIFACTS", "artifacts"))
+
+
+class NonFiniteLoss(HarnessError):
+    """A NaN or inf loss: the run is marked failed, never saved as a model."""
+
+
+class _FiniteGuard(pl.Callback):
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(loss):
+            raise NonFiniteLoss(f"non-finite loss {loss.item()} at step {trainer.global_step}")
+
+
+def make_logger(run_name: str, config: dict, group: str | None = None, job_type: str = "recover"):
+    """W&B, offline unless the user configured online mode (WANDB_MODE / WANDB_API_KEY)."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    from harness.tracking import wandb_mode
+
+    save_dir = ARTIFACTS / "wandb"
+    save_dir.mkdir(parents=True, exist_ok=True)
+    return WandbLogger(name=run_name, project=os.environ.get("WANDB_PROJECT", "mllm-compression"),
+                       save_dir=str(save_dir), mode=wandb_mode(), group=group, job_type=job_type,
+                       config=config)
+
+
+def train(module: RecoveryModule, datamodule, recipe: Recipe, *, run_name: str, ckpt_dir: Path | None = None,
+          resume: bool = True, logger=None, devices: int = 1, strategy: str = "auto",
+          progress: bool = True, ckpt_every: int = 50) -> dict:
+    """Fit and return a summary (steps, final losses, wall time)."""
+    pl.seed_everything(recipe.seed, workers=True, verbose=False)
+    steps = recipe.max_steps
+    if steps <= 0:
+        steps = math.ceil(recipe.epochs * datamodule.steps_per_epoch() / recipe.accumulate)
+    module.total_steps = steps
+    callbacks = [_FiniteGuard()]
+    if ckpt_dir is not None:
+        from pytorch_lightning.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=ckpt_every,
+                                         save_top_k=0, save_weights_only=False))
+    trainer = pl.Trainer(
+        max_steps=steps, max_epochs=-1, accelerator="auto", devices=devices, strategy=strategy,
+        precision="bf16-mixed" if torch.cuda.is_available() else "32-true",
+        accumulate_grad_batches=recipe.accumulate, gradient_clip_val=recipe.clip or None,
+        logger=logger if logger is not None else False, callbacks=callbacks,
+        enable_checkpointing=ckpt_dir is not None, enable_progress_bar=progress,
+        enable_model_summary=False, log_every_n_steps=10, deterministic=True,
+        num_sanity_val_steps=0,
+    )
+    last = ckpt_dir / "last.ckpt" if ckpt_dir is not None else None
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume and last and last.exists() else None)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    return {"steps": trainer.global_step, "final_losses": metrics, "wall_time_s": time.perf_counter() - t0}
+
+
+def save_model(model, processor, out: Path, extra_files: dict[str, dict] | None = None) -> None:
+    """Merge LoRA, then write safetensors + config + processor (+ JSON side files) atomically."""
+    model = merge_lora(model)
+    model.requires_grad_(False)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        for name, obj in (extra_files or {}).items():
+            write_json(tmp / name, obj)
+
+
+def recover(teacher: str, student_dir: str | Path, recipe_name: str, data: str | Path, fraction: float,
+            out: str | Path, overrides: dict | None = None, group: str | None = None,
+            progress: bool = True, teacher_model=None, student_model=None) -> dict:
+    """`harness recover`: train a pruned student with a recipe on a fraction of the mix."""
+    from harness.data.datamodule import MixDataModule
+    from harness.models import load
+
+    recipe = get_recipe(recipe_name, **(overrides or {}))
+    if not 0 < fraction <= 1:
+        raise HarnessError(f"data fraction must be in (0, 1], got {fraction}")
+    out, student_dir = Path(out), Path(student_dir)
+    if out.exists() and any(out.iterdir()):
+        raise HarnessError(f"output directory {out} already exists and is not empty")
+    pruning_file = student_dir / "pruning.json"
+    if recipe.needs_teacher and not pruning_file.exists():
+        raise HarnessError(f"{student_dir} has no pruning.json: recipe {recipe.name} needs a student pruned from the teacher")
+    pruning = json.loads(pruning_file.read_text()) if pruning_file.exists() else {}
+    student, processor = (student_model, None) if student_model is not None else load(student_dir)
+    if processor is None:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(student_dir)
+    t_model = None
+    if recipe.needs_teacher:
+        t_model = teacher_model if teacher_model is not None else load(teacher, processor=False)
+        if recipe.kl > 0 and t_model.config.text_config.vocab_size != student.config.text_config.vocab_size:
+            raise HarnessError("student and teacher vocabularies differ: a logit loss needs the same vocabulary")
+    dm = MixDataModule(data, processor, student.config, fraction, recipe.batch_size, recipe.seed, recipe.max_length)
+    module = RecoveryModule(student, recipe, t_model, pruning.get("removed_layers", []))
+    run_name = f"{out.name}"
+    logger = make_logger(run_name, {"recipe": recipe.__dict__, "fraction": fraction, "student": str(student_dir),
+                                    "teacher": str(teacher)}, group=group, job_type="recover")
+    ckpt_dir = out.parent / f".{out.name}.ckpt"
+    summary = train(module, dm, recipe, run_name=run_name, ckpt_dir=ckpt_dir, logger=logger, progress=progress)
+    logger.experiment.finish()
+    record = {"recipe": recipe.name, "settings": {k: v for k, v in recipe.__dict__.items() if k != "name"},
+              "data_fraction": fraction, "num_samples": len(dm.indices), "teacher": str(teacher), **summary}
+    extra = {"recovery.json": record}
+    if pruning:
+        extra["pruning.json"] = pruning
+    save_model(module.student, processor, out, extra)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return record
