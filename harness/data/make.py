@@ -4,6 +4,7 @@ Layout (the training mix uses the LLaVA-v1.5 JSON format, so the same loader rea
 LLaVA-665k or Bunny-695k):
 
     OUT/mix.json                 [{id, image, conversations: [{from, value}, ...]}, ...]
+    OUT/align.json               one caption per image, for the alignment stage
     OUT/images/000123.png
     OUT/benchmarks/<task>.parquet  held-out splits with embedded images
     OUT/manifest.json            the generating config and the file list
@@ -51,7 +52,7 @@ def _png_bytes(img) -> bytes:
 def make_mix(spec: WorldSpec, out: Path) -> int:
     rng = random.Random(f"mix-{spec.seed}")
     (out / "images").mkdir(parents=True)
-    records = []
+    records, captions = [], []
     for i in range(spec.mix_size):
         scene = world.random_scene(rng)
         name = f"images/{i:06d}.png"
@@ -62,7 +63,11 @@ def make_mix(spec: WorldSpec, out: Path) -> int:
             conversations.append({"from": "human", "value": ("<image>\n" + q) if k == 0 else q})
             conversations.append({"from": "gpt", "value": a})
         records.append({"id": f"synth-{i:06d}", "image": name, "conversations": conversations})
+        captions.append({"id": f"synth-cap-{i:06d}", "image": name, "conversations": [
+            {"from": "human", "value": "<image>\ndescribe the image."}, {"from": "gpt", "value": world.caption(scene)}]})
     (out / "mix.json").write_text(json.dumps(records, indent=0, sort_keys=True))
+    # Like LLaVA's 558k caption set: the alignment stage's data, over the same images.
+    (out / "align.json").write_text(json.dumps(captions, indent=0, sort_keys=True))
     return len(records)
 
 

@@ -338,7 +338,7 @@ def training_turns(scene: Scene, rng: random.Random, n_turns: int) -> list[tuple
             q = rng.choice(pair) if pair else None
         else:
             q = {"gqa": ask_gqa, "sqa": ask_sqa, "count": ask_count, "text": ask_text}[fam](scene, rng)
-        if q is not None:
+        if q is not None and all(q["question"] not in t[0] for t in turns):
             turns.append((with_suffix(fam, q["question"]), q["answer"]))
     return turns
 

@@ -19,8 +19,11 @@ def image_count(images) -> int:
 
 
 def build_prompt(processor, question: str, with_image: bool | int = True) -> str:
-    """The chat-template prompt for one question; `with_image` may also be a number of images."""
-    n = int(with_image)
+    """The chat-template prompt for one question; `with_image` may also be a number of images.
+
+    A question that already places its `<image>` tokens (some lmms-eval tasks do) is left as is.
+    """
+    n = 0 if "<image>" in question else int(with_image)
     value = ("<image>\n" * n + question) if n else question
     messages = to_messages([{"from": "human", "value": value}])
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -101,9 +101,21 @@ def ensure(plan: Plan, stage: st.Stage, retry_failed: bool = False, log=print) -
             st.record_failure(stage, e)
             raise
         log(f"  {stage.kind} {stage.key} done in {seconds:.1f} s")
+        _append_run_log(stage, seconds)
         return seconds
     finally:
         lock.release()
+
+
+def _append_run_log(stage: st.Stage, seconds: float) -> None:
+    """One line per computed stage: which process ran it and how long it took (audit and overhead)."""
+    import json
+    import os
+
+    line = json.dumps({"key": stage.key, "kind": stage.kind, "pid": os.getpid(), "seconds": round(seconds, 3),
+                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    with open(st.GRID_ROOT / "runs.jsonl", "a") as f:
+        f.write(line + "\n")
 
 
 def run_local(plan: Plan, retry_failed: bool = False, log=print) -> dict:
@@ -184,17 +196,18 @@ def collect_rows(plan: Plan) -> list[dict]:
             continue
         res, t_res = read_json(final.output), read_json(teacher.output)
         pruning = read_json(plan.stages[ids["prune"]].output / "pruning.json")
-        primary = res.get("primary", {})
-        for bench, metrics in res["scores"].items():
+        primaries = {tuple(v): name for name, v in res.get("benchmarks", {}).items()}
+        for task, metrics in res["scores"].items():
             for metric, score in metrics.items():
                 if not isinstance(score, (int, float)):
                     continue
-                t_score = t_res["scores"].get(bench, {}).get(metric)
+                bench = primaries.get((task, metric), task)
+                t_score = t_res["scores"].get(task, {}).get(metric)
                 retained = 100.0 * score / t_score if t_score else float("nan")
                 rows.append({
                     "experiment": plan.spec.name, "cell": cell.label, **asdict(cell),
                     "ratio_achieved": pruning.get("ratio_achieved"), "benchmark": bench, "metric": metric,
-                    "primary": primary.get(bench) == metric, "score": float(score),
+                    "primary": (task, metric) in primaries, "score": float(score),
                     "teacher_score": t_score, "retained": retained,
                 })
     return rows

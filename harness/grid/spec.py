@@ -187,7 +187,7 @@ def load_spec(path: str | Path) -> Spec:
         recipe_settings=recover.get("recipe_settings") or {}, eval_settings=ev,
         excludes=raw.get("excludes") or [], only=raw.get("only") or [], models=raw.get("models") or {},
     )
-    for name, settings in spec.recipe_settings.items():
+    for name in spec.recipe_settings:
         if name not in recipes:
             raise HarnessError(f"{path}: recipe_settings names {name!r}, which is not in recover.recipes")
     for name in spec.method_settings:

@@ -19,7 +19,7 @@ from harness import __version__
 from harness.errors import HarnessError
 from harness.io import read_json, write_json
 
-GRID_ROOT = Path(os.environ.get("HARNESS_GRID_ROOT", "artifacts/grid"))
+GRID_ROOT = Path(os.environ.get("HARNESS_GRID_ROOT", "artifacts/grid")).absolute()
 
 
 def fingerprint(model: str) -> str:

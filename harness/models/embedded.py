@@ -102,9 +102,9 @@ def build_embedded(name: str, seed: int = 0, scale: dict | None = None):
 
     spec = EMBEDDED[name]
     tokenizer = build_tokenizer()
-    text_kwargs = dict(spec.text, **(scale or {}))
+    text_kwargs = {**spec.text, "vocab_size": len(tokenizer), **(scale or {})}
     text_cfg = AutoConfig.for_model(
-        spec.text_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+        spec.text_type, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **text_kwargs
     )
     vision_cfg = AutoConfig.for_model(spec.vision_type, **spec.vision)

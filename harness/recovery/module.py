@@ -49,17 +49,10 @@ def resolve_hidden_pairs(pairs, removed_layers: list[int], n_teacher_layers: int
 
 
 def set_trainable(model: nn.Module, recipe: Recipe) -> nn.Module:
-    """Freeze everything, then open up what the recipe trains; LoRA is added with peft."""
+    """Freeze everything, add LoRA with peft if asked, then open up what the recipe trains."""
     adapter = LMAdapter(model)
     model.requires_grad_(False)
-    if recipe.vision == "full":
-        adapter.vision_tower.requires_grad_(True)
-    if recipe.projector == "full":
-        adapter.projector.requires_grad_(True)
-    if recipe.language_model == "full":
-        adapter.decoder.requires_grad_(True)
-        adapter.lm_head.requires_grad_(True)
-    elif recipe.language_model == "lora":
+    if recipe.language_model == "lora":  # peft freezes non-adapter weights, so it goes first
         from peft import LoraConfig, inject_adapter_in_model
 
         names = "|".join(adapter.linear_names)
@@ -68,6 +61,13 @@ def set_trainable(model: nn.Module, recipe: Recipe) -> nn.Module:
             target_modules=rf".*language_model\.layers\.\d+\..*\.({names})$",
         )
         inject_adapter_in_model(config, model)
+    elif recipe.language_model == "full":
+        adapter.decoder.requires_grad_(True)
+        adapter.lm_head.requires_grad_(True)
+    if recipe.vision == "full":
+        adapter.vision_tower.requires_grad_(True)
+    if recipe.projector == "full":
+        adapter.projector.requires_grad_(True)
     return model
 
 
@@ -89,6 +89,8 @@ class RecoveryModule(pl.LightningModule):
         super().__init__()
         self.recipe = recipe
         self.student = set_trainable(student, recipe)
+        if recipe.gradient_checkpointing:  # activations recomputed: the 7B fits one 80 GB GPU
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.total_steps = total_steps
         # The teacher is deliberately not a registered submodule: it is never trained,
         # never saved in checkpoints, and only moved to the student's device.
@@ -162,7 +164,7 @@ class RecoveryModule(pl.LightningModule):
             {"params": [p for p in trainable if id(p) in proj], "lr": r.projector_lr or r.lr},
         ]
         groups = [g for g in groups if g["params"]]
-        opt = torch.optim.AdamW(groups, weight_decay=r.weight_decay, betas=(0.9, 0.98))
+        opt = torch.optim.AdamW(groups, weight_decay=r.weight_decay, betas=(0.9, r.adam_beta2))
         warmup = int(r.warmup_ratio * self.total_steps)
         sched = get_cosine_schedule_with_warmup(opt, warmup, max(self.total_steps, 1))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -46,7 +46,11 @@ class Recipe:
     batch_size: int = 32
     accumulate: int = 1
     clip: float = 1.0
+    adam_beta2: float = 0.999  # HF Trainer's default, as in the paper's code
     max_length: int = 512
+    # "auto": bf16-true on GPUs (weights and teacher in bf16), fp32 on CPU.
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -54,7 +58,7 @@ class Recipe:
     def needs_teacher(self) -> bool:
         return self.kl > 0 or self.hidden > 0
 
-    def validate(self) -> "Recipe":
+    def validate(self) -> Recipe:
         for part in ("vision", "projector", "language_model"):
             if getattr(self, part) not in TUNE_TYPES:
                 raise HarnessError(f"recipe {self.name}: {part} must be one of {TUNE_TYPES}, got {getattr(self, part)!r}")
@@ -64,6 +68,8 @@ class Recipe:
             raise HarnessError(f"recipe {self.name}: loss weights must be >= 0 and not all zero")
         if self.kl_direction not in ("forward", "reverse"):
             raise HarnessError(f"recipe {self.name}: kl_direction must be forward or reverse")
+        if self.precision not in ("auto", "32-true", "bf16-true", "bf16-mixed", "16-mixed"):
+            raise HarnessError(f"recipe {self.name}: precision must be auto, 32-true, bf16-true, bf16-mixed or 16-mixed")
         if self.kl_reduction not in ("token_mean", "batch_sum"):
             raise HarnessError(f"recipe {self.name}: kl_reduction must be token_mean or batch_sum")
         if self.temperature <= 0 or self.lr <= 0 or self.batch_size < 1 or self.accumulate < 1:
@@ -72,7 +78,15 @@ class Recipe:
             raise HarnessError(f"recipe {self.name}: nothing is trainable")
         return self
 
-    def with_overrides(self, **overrides) -> "Recipe":
+    @property
+    def resolved_precision(self) -> str:
+        import torch
+
+        if self.precision != "auto":
+            return self.precision
+        return "bf16-true" if torch.cuda.is_available() else "32-true"
+
+    def with_overrides(self, **overrides) -> Recipe:
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -98,9 +112,9 @@ PRESETS: dict[str, Recipe] = {
         Recipe("sft+kd-logit+hidden", **_LORA, ce=1 - ALPHA, kl=ALPHA, hidden=ALPHA),
         # Training the embedded teachers, in LLaVA's two stages; the vision tower is
         # trained in stage 2 because no pretrained CLIP/SigLIP can be downloaded here.
-        Recipe("teacher-align", lr=2e-3, batch_size=64, warmup_ratio=0.05),
-        Recipe("teacher-full", vision="full", language_model="full", lr=1.5e-3, batch_size=64,
-               weight_decay=0.01, warmup_ratio=0.03),
+        Recipe("teacher-align", lr=1e-3, batch_size=64, warmup_ratio=0.05, adam_beta2=0.98),
+        Recipe("teacher-full", vision="full", language_model="full", lr=7e-4, batch_size=64,
+               weight_decay=0.01, warmup_ratio=0.05, adam_beta2=0.98),
     ]
 }
 
@@ -108,10 +122,10 @@ PRESETS: dict[str, Recipe] = {
 PAPER_SETTINGS = {
     "llava": dict(lr=2e-5, projector_lr=2e-5, epochs=1.0, warmup_ratio=0.03, weight_decay=0.0,
                   lora_r=128, lora_alpha=256, lora_dropout=0.05, temperature=2.0, max_length=2048,
-                  batch_size=16, kl_reduction="batch_sum"),
+                  batch_size=16, kl_reduction="batch_sum", gradient_checkpointing=True),
     "bunny": dict(lr=2e-5, projector_lr=2e-5, epochs=1.0, warmup_ratio=0.03, weight_decay=0.0,
                   lora_r=64, lora_alpha=16, lora_dropout=0.05, temperature=2.0, max_length=2048,
-                  batch_size=16, kl_reduction="batch_sum"),
+                  batch_size=16, kl_reduction="batch_sum", gradient_checkpointing=True),
 }
 
 

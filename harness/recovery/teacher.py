@@ -1,8 +1,10 @@
-"""`harness teacher train`: train an embedded teacher in LLaVA's two stages.
+"""`harness teacher train`: train an embedded teacher like LLaVA, from scratch.
 
-Stage 1 aligns the projector alone; stage 2 trains vision tower, projector and
-language model together (no pretrained vision tower exists offline). Both stages
-run through the same Lightning module and Trainer as recovery.
+Stage 0 pretrains the vision tower (`vision_pretrain.py`: the stand-in for CLIP or
+SigLIP pretraining, which cannot be downloaded here). Then LLaVA's two stages:
+stage 1 aligns the projector alone, stage 2 trains vision tower, projector and
+language model together. Stages 1 and 2 run through the same Lightning module and
+Trainer as recovery.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from harness.models.embedded import EMBEDDED, build_embedded
 from harness.recovery.module import RecoveryModule
 from harness.recovery.recipes import get_recipe
 from harness.recovery.train import make_logger, save_model, train
+from harness.recovery.vision_pretrain import pretrain_vision, standardize_projector_input
 
 # Tuned on these 2 CPU cores (README: teacher quality table).
-STAGES = {"align": dict(max_steps=150), "full": dict(epochs=4.0)}
+STAGES = {"vision": dict(steps=600), "align": dict(max_steps=100), "full": dict(epochs=2.0)}
 
 
 def train_teacher(name: str, data: str | Path, out: str | Path, seed: int = 0, stages: dict | None = None,
@@ -29,9 +32,13 @@ def train_teacher(name: str, data: str | Path, out: str | Path, seed: int = 0, s
     model, processor = build_embedded(name, seed=seed)
     summary = {"model": name, "seed": seed, "stages": {}}
     t0 = time.perf_counter()
+    summary["stages"]["vision"] = pretrain_vision(model, processor, seed=seed, progress=progress, **stages["vision"])
+    standardize_projector_input(model, processor, seed=seed)
+    captions = Path(data) / "align.json"
     for stage, recipe_name in (("align", "teacher-align"), ("full", "teacher-full")):
         recipe = get_recipe(recipe_name, seed=seed, **stages[stage])
-        dm = MixDataModule(data, processor, model.config, 1.0, recipe.batch_size, seed, recipe.max_length)
+        source = captions if stage == "align" and captions.exists() else data
+        dm = MixDataModule(source, processor, model.config, 1.0, recipe.batch_size, seed, recipe.max_length)
         module = RecoveryModule(model, recipe)
         logger = make_logger(f"teacher-{name}-{stage}", {"recipe": recipe.__dict__, "model": name},
                              group="teachers", job_type="teacher")

@@ -50,14 +50,14 @@ def make_logger(run_name: str, config: dict, group: str | None = None, job_type:
 
 def train(module: RecoveryModule, datamodule, recipe: Recipe, *, run_name: str, ckpt_dir: Path | None = None,
           resume: bool = True, logger=None, devices: int = 1, strategy: str = "auto",
-          progress: bool = True, ckpt_every: int = 50) -> dict:
+          progress: bool = True, ckpt_every: int = 50, callbacks: list | None = None) -> dict:
     """Fit and return a summary (steps, final losses, wall time)."""
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
     steps = recipe.max_steps
     if steps <= 0:
         steps = math.ceil(recipe.epochs * datamodule.steps_per_epoch() / recipe.accumulate)
     module.total_steps = steps
-    callbacks = [_FiniteGuard()]
+    callbacks = [_FiniteGuard(), *(callbacks or [])]
     if ckpt_dir is not None:
         from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -65,7 +65,7 @@ def train(module: RecoveryModule, datamodule, recipe: Recipe, *, run_name: str, 
                                          save_top_k=0, save_weights_only=False))
     trainer = pl.Trainer(
         max_steps=steps, max_epochs=-1, accelerator="auto", devices=devices, strategy=strategy,
-        precision="bf16-mixed" if torch.cuda.is_available() else "32-true",
+        precision=recipe.resolved_precision,
         accumulate_grad_batches=recipe.accumulate, gradient_clip_val=recipe.clip or None,
         logger=logger if logger is not None else False, callbacks=callbacks,
         enable_checkpointing=ckpt_dir is not None, enable_progress_bar=progress,
@@ -107,14 +107,15 @@ def recover(teacher: str, student_dir: str | Path, recipe_name: str, data: str |
     if recipe.needs_teacher and not pruning_file.exists():
         raise HarnessError(f"{student_dir} has no pruning.json: recipe {recipe.name} needs a student pruned from the teacher")
     pruning = json.loads(pruning_file.read_text()) if pruning_file.exists() else {}
-    student, processor = (student_model, None) if student_model is not None else load(student_dir)
+    dtype = torch.bfloat16 if recipe.resolved_precision == "bf16-true" else torch.float32
+    student, processor = (student_model, None) if student_model is not None else load(student_dir, dtype=dtype)
     if processor is None:
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(student_dir)
     t_model = None
     if recipe.needs_teacher:
-        t_model = teacher_model if teacher_model is not None else load(teacher, processor=False)
+        t_model = teacher_model if teacher_model is not None else load(teacher, dtype=dtype, processor=False)
         if recipe.kl > 0 and t_model.config.text_config.vocab_size != student.config.text_config.vocab_size:
             raise HarnessError("student and teacher vocabularies differ: a logit loss needs the same vocabulary")
     dm = MixDataModule(data, processor, student.config, fraction, recipe.batch_size, recipe.seed, recipe.max_length)

@@ -1,0 +1,314 @@
+"""Structural surgery: remove decoder layers, slice attention head groups and MLP channels.
+
+Every pruned model is built fresh from its final config and filled from a sliced state
+dict, never edited in place. That way the in-memory result is exactly what a reload
+from disk gives: attention `layer_idx` values (used by the KV cache) are numbered by
+construction, per-layer config lists match the layers, and nothing of the original
+model is shared or mutated.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from harness.errors import HarnessError
+from harness.models.adapter import LMAdapter
+from harness.models.flops import DEFAULT_CONTEXT, count_params, lm_macs_per_token
+from harness.pruning.importance import Importance
+from harness.pruning.plan import WidthCounts, lm_shape, parse_layers, plan_layers, plan_width
+
+# Text-config key holding per-layer widths when they differ between layers:
+# a list of {"heads", "kv_heads", "intermediate"}, one per decoder layer.
+WIDTHS_KEY = "pruned_widths"
+# Text-config fields that hold one entry per decoder layer and must follow layer removal.
+PER_LAYER_KEYS = ("layer_types", WIDTHS_KEY)
+
+
+def remove_layers(model: nn.Module, removed: Sequence[int]) -> nn.Module:
+    """A new model without the decoder layers at the given (current) indices."""
+    n = len(LMAdapter(model).layers)
+    removed = sorted(set(removed))
+    if any(not 0 <= i < n for i in removed):
+        raise HarnessError(f"layer indices {removed} out of range for {n} layers")
+    if len(removed) >= n:
+        raise HarnessError(f"cannot remove all {n} layers")
+    kept_layers = [i for i in range(n) if i not in removed]
+    return _rebuild(model, kept_layers, None)
+
+
+def slice_widths(model: nn.Module, kept: Sequence[dict]) -> nn.Module:
+    """A new model keeping, per layer, the listed query heads, KV heads and MLP channels.
+
+    `kept[i]` is `{"heads": [...], "kv_heads": [...], "mlp": [...]}` in the layer's current
+    indices; under GQA the query heads must be exactly those of the kept KV heads.
+    """
+    adapter = LMAdapter(model)
+    if len(kept) != len(adapter.layers):
+        raise HarnessError(f"need one kept-entry per layer ({len(adapter.layers)}), got {len(kept)}")
+    if adapter.family_name == "phi" and getattr(adapter.config, "qk_layernorm", False):
+        raise HarnessError("width pruning of Phi models with qk_layernorm is not supported")
+    for i, (layer, keep) in enumerate(zip(adapter.layers, kept, strict=True)):
+        _check_keep(adapter, layer, keep, i)
+    return _rebuild(model, list(range(len(adapter.layers))), list(kept))
+
+
+def _check_keep(adapter: LMAdapter, layer: nn.Module, keep: dict, index: int) -> None:
+    (q, k, _), _ = adapter.attn_linears(layer)
+    per_group = q.out_features // k.out_features
+    expected = [g * per_group + j for g in keep["kv_heads"] for j in range(per_group)]
+    if not keep["kv_heads"] or not keep["mlp"]:
+        raise HarnessError(f"layer {index} would lose every attention head or every MLP channel")
+    if sorted(keep["heads"]) != sorted(expected):
+        raise HarnessError(f"layer {index}: kept query heads must be exactly those of the kept KV heads")
+
+
+def _rebuild(model: nn.Module, kept_layers: list[int], kept: list[dict] | None) -> nn.Module:
+    from transformers import LlavaConfig
+
+    adapter = LMAdapter(model)
+    config = model.config.to_dict()
+    config["text_config"] = _text_config(adapter, config["text_config"], kept_layers, kept)
+    state = _sliced_state(model, adapter, kept_layers, kept)
+    param = next(model.parameters())
+    pruned = build_model(LlavaConfig.from_dict(config), param.dtype, param.device)
+    pruned.load_state_dict(state, strict=True)
+    pruned.generation_config = copy.deepcopy(model.generation_config)
+    pruned.train(model.training)
+    return pruned
+
+
+def build_model(config, dtype: torch.dtype, device: torch.device | str = "cpu") -> nn.Module:
+    """An uninitialised `LlavaForConditionalGeneration` with the (possibly per-layer) widths of `config`."""
+    from transformers import LlavaForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    with torch.device(device), no_init_weights():
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+    resize_to_widths(model)
+    return model
+
+
+def resize_to_widths(model: nn.Module) -> None:
+    """Give each layer the widths listed under `pruned_widths` (new, uninitialised linears)."""
+    adapter = LMAdapter(model)
+    widths = getattr(adapter.config, WIDTHS_KEY, None)
+    if not widths:
+        return
+    if len(widths) != len(adapter.layers):
+        raise HarnessError(f"config lists {len(widths)} layer widths for {len(adapter.layers)} layers")
+    hd = adapter.head_dim
+    for layer, w in zip(adapter.layers, widths, strict=True):
+        attn, mlp = adapter.attn(layer), adapter.mlp(layer)
+        q_name, *kv_names = adapter.family.attn_in
+        _resize(attn, q_name, rows=w["heads"] * hd)
+        for name in kv_names:
+            _resize(attn, name, rows=w["kv_heads"] * hd)
+        _resize(attn, adapter.family.attn_out, cols=w["heads"] * hd)
+        for name in adapter.family.mlp_in:
+            _resize(mlp, name, rows=w["intermediate"])
+        _resize(mlp, adapter.family.mlp_out, cols=w["intermediate"])
+
+
+def _resize(parent: nn.Module, name: str, rows: int | None = None, cols: int | None = None) -> None:
+    old = getattr(parent, name)
+    new = nn.Linear(cols or old.in_features, rows or old.out_features, bias=old.bias is not None,
+                    device=old.weight.device, dtype=old.weight.dtype)
+    setattr(parent, name, new)
+
+
+def _text_config(adapter: LMAdapter, text: dict, kept_layers: list[int], kept: list[dict] | None) -> dict:
+    """The pruned text config: layer count, per-layer lists, and widths (uniform fields or a per-layer list)."""
+    text = dict(text)
+    for key in PER_LAYER_KEYS:
+        if isinstance(text.get(key), list):
+            text[key] = [text[key][i] for i in kept_layers]
+    text["num_hidden_layers"] = len(kept_layers)
+    if kept is None:
+        return text
+    text["head_dim"] = adapter.head_dim
+    widths = [{"heads": len(k["heads"]), "kv_heads": len(k["kv_heads"]), "intermediate": len(k["mlp"])}
+              for k in (kept[i] for i in kept_layers)]
+    text.pop(WIDTHS_KEY, None)
+    if all(w == widths[0] for w in widths):
+        text.update(num_attention_heads=widths[0]["heads"], num_key_value_heads=widths[0]["kv_heads"],
+                    intermediate_size=widths[0]["intermediate"])
+    else:
+        text[WIDTHS_KEY] = widths
+    return as_mistral(text) if text.get("model_type") == "llama" else text
+
+
+def as_mistral(text: dict) -> dict:
+    """Relabel a bias-free Llama text config as Mistral without a sliding window.
+
+    transformers 5 `LlamaConfig` refuses a hidden size that is not a multiple of the head
+    count, which head pruning produces. Mistral with `sliding_window=None` is the same
+    architecture (RMSNorm, rotary, SiLU gate/up/down, no biases, explicit `head_dim`) and
+    honours any head count, so width-pruned Llama checkpoints load with plain transformers.
+    """
+    from transformers import MistralConfig
+
+    if text.get("attention_bias") or text.get("mlp_bias"):
+        raise HarnessError("width pruning of a Llama with attention/MLP biases is not supported (no bias-free twin)")
+    allowed = set(MistralConfig().to_dict()) | {WIDTHS_KEY}
+    mistral = {k: v for k, v in text.items() if k in allowed}
+    mistral.update(model_type="mistral", sliding_window=None)
+    return mistral
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def _sliced_state(model: nn.Module, adapter: LMAdapter, kept_layers: list[int],
+                  kept: list[dict] | None) -> dict[str, torch.Tensor]:
+    """The original state dict with removed layers dropped, the rest renumbered and sliced."""
+    prefix = _module_name(model, adapter.layers) + "."
+    new_index = {old: new for new, old in enumerate(kept_layers)}
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if not key.startswith(prefix):
+            state[key] = tensor
+            continue
+        index, rest = key[len(prefix):].split(".", 1)
+        if int(index) in new_index:
+            keep = kept[int(index)] if kept is not None else None
+            state[f"{prefix}{new_index[int(index)]}.{rest}"] = _slice(adapter, rest, tensor, keep)
+    return state
+
+
+def _slice(adapter: LMAdapter, name: str, tensor: torch.Tensor, keep: dict | None) -> torch.Tensor:
+    """Rows of input projections and columns of output projections that belong to kept units."""
+    if keep is None:
+        return tensor
+    f = adapter.family
+    module, _, kind = name.rpartition(".")
+    q_name, *kv_names = f.attn_in
+    heads = _head_rows(keep["heads"], adapter.head_dim, tensor.device)
+    kv = _head_rows(keep["kv_heads"], adapter.head_dim, tensor.device)
+    channels = torch.as_tensor(keep["mlp"], dtype=torch.long, device=tensor.device)
+    rows = {f"{f.attn}.{q_name}": heads, **{f"{f.attn}.{n}": kv for n in kv_names},
+            **{f"{f.mlp}.{n}": channels for n in f.mlp_in}}
+    cols = {f"{f.attn}.{f.attn_out}": heads, f"{f.mlp}.{f.mlp_out}": channels}
+    if module in rows:
+        return tensor.index_select(0, rows[module])
+    if module in cols and kind == "weight":
+        return tensor.index_select(1, cols[module])
+    return tensor
+
+
+def _head_rows(heads: Sequence[int], head_dim: int, device) -> torch.Tensor:
+    heads = torch.as_tensor(sorted(heads), dtype=torch.long, device=device)
+    return (heads[:, None] * head_dim + torch.arange(head_dim, device=device)).reshape(-1)
+
+
+# --- choosing what to remove from importance scores ----------------------------------------------
+
+
+def select_layers(importance: Importance, n: int) -> list[int]:
+    """The n layers to remove: lowest scores, or for angular distance the most redundant contiguous block."""
+    if n == 0:
+        return []
+    if importance.method == "layer-angular":
+        distance = importance.scores["block_distance"][n - 1]
+        start = int(torch.argmin(distance[: distance.numel() - n + 1]))
+        return list(range(start, start + n))
+    order = torch.argsort(importance.scores["layer"], stable=True)
+    return sorted(order[:n].tolist())
+
+
+def select_width(importance: Importance, counts: WidthCounts, per_group: int) -> list[dict]:
+    """Per layer, keep the highest-scoring KV groups (with their query heads) and MLP channels."""
+    attn, mlp = importance.scores["attn"], importance.scores["mlp"]
+    kept = []
+    for i in range(attn.shape[0]):
+        groups = _top(attn[i], counts.groups_removed if i in counts.attn_layers else 0)
+        channels = _top(mlp[i], counts.channels_removed if i in counts.mlp_layers else 0)
+        heads = [g * per_group + j for g in groups for j in range(per_group)]
+        kept.append({"heads": heads, "kv_heads": groups, "mlp": channels})
+    return kept
+
+
+def _top(scores: torch.Tensor, removed: int) -> list[int]:
+    order = torch.argsort(scores, descending=True, stable=True)
+    return sorted(order[: scores.numel() - removed].tolist())
+
+
+# --- the ratio-driven entry point ----------------------------------------------------------------
+
+
+def apply_pruning(model: nn.Module, importance: Importance, ratio: float, *, per_layer_ratio: bool = False,
+                  attn_layers: str | Sequence[int] | None = None, mlp_layers: str | Sequence[int] | None = None,
+                  round_to: int = 1, context: int = DEFAULT_CONTEXT) -> tuple[nn.Module, dict]:
+    """Prune `model` to `ratio` using precomputed scores: no forward or backward pass runs here.
+
+    Returns the new model and the `pruning.json` record (ratios, sizes, MACs, scores, what was kept).
+    """
+    shape = lm_shape(model)
+    _check_scores(importance, shape)
+    settings = {"per_layer_ratio": per_layer_ratio, "attn_layers": attn_layers, "mlp_layers": mlp_layers,
+                "round_to": round_to}
+    by = _prune_layers if importance.kind == "layer" else _prune_width
+    pruned, outcome = by(model, importance, ratio, shape, settings)
+    info = describe(model, pruned, importance, ratio, context)
+    info.update(settings, **outcome)
+    return pruned, info
+
+
+def check_layer_settings(settings: dict) -> None:
+    """Layer methods remove whole layers: width options would be silently meaningless, so refuse them."""
+    if settings != {"per_layer_ratio": False, "attn_layers": None, "mlp_layers": None, "round_to": 1}:
+        raise HarnessError("per_layer_ratio, attn_layers, mlp_layers and round_to apply to width methods only")
+
+
+def _prune_layers(model, importance: Importance, ratio: float, shape, settings: dict) -> tuple[nn.Module, dict]:
+    check_layer_settings(settings)
+    removed = select_layers(importance, plan_layers(shape, ratio))
+    return remove_layers(model, removed), {"removed_layers": removed}
+
+
+def _prune_width(model, importance: Importance, ratio: float, shape, settings: dict) -> tuple[nn.Module, dict]:
+    attn = parse_layers(settings["attn_layers"], shape.num_layers, "attn_layers")
+    mlp = parse_layers(settings["mlp_layers"], shape.num_layers, "mlp_layers")
+    counts = plan_width(shape, ratio, attn, mlp, settings["per_layer_ratio"], settings["round_to"])
+    adapter = LMAdapter(model)
+    (q, k, _), _ = adapter.attn_linears(adapter.layers[0])
+    kept = select_width(importance, counts, q.out_features // k.out_features)
+    return slice_widths(model, kept), {
+        "removed_layers": [], "kept": kept, "attn_layers": list(attn), "mlp_layers": list(mlp),
+        "groups_removed_per_layer": counts.groups_removed, "channels_removed_per_layer": counts.channels_removed,
+    }
+
+
+def _check_scores(importance: Importance, shape) -> None:
+    """Scores must describe this model's shape (a cheap guard against mixing up models)."""
+    expected = {"layer": (shape.num_layers,), "block_distance": (shape.num_layers, shape.num_layers),
+                "attn": (shape.num_layers, shape.groups[0]), "mlp": (shape.num_layers, shape.channels[0])}
+    for key, tensor in importance.scores.items():
+        if tuple(tensor.shape) != expected[key]:
+            raise HarnessError(f"importance scores {key!r} have shape {tuple(tensor.shape)}, "
+                               f"this model needs {expected[key]}: they were computed for another model")
+
+
+def describe(before: nn.Module, after: nn.Module, importance: Importance, ratio: float, context: int) -> dict:
+    """Sizes, MACs and provenance of one pruning run (the core of `pruning.json`)."""
+    lm_before, lm_after = LMAdapter(before).lm_parameters(), LMAdapter(after).lm_parameters()
+    return {
+        "method": importance.method,
+        "ratio_requested": ratio,
+        "ratio_achieved": round(1 - lm_after / lm_before, 6),
+        "lm_params_before": lm_before,
+        "lm_params_after": lm_after,
+        "total_params_before": count_params(before),
+        "total_params_after": count_params(after),
+        "macs_context": context,
+        "macs_per_token_before": lm_macs_per_token(before, context),
+        "macs_per_token_after": lm_macs_per_token(after, context),
+        "family": LMAdapter(before).family_name,
+        "calibration_ids": importance.calibration_ids,
+        "importance": importance.to_lists(),
+        "source_fingerprint": importance.model_fingerprint,
+    }

@@ -1,0 +1,129 @@
+"""`harness prune MODEL --method METHOD --ratio R --out DIR`: load, score (or reuse scores), prune, save.
+
+Every check that can fail on bad input (method, ratio, layer ranges, granularity, model
+family, output directory) runs before any forward pass and before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from harness.errors import HarnessError
+from harness.models.flops import DEFAULT_CONTEXT
+from harness.pruning.apply import apply_pruning, check_layer_settings
+from harness.pruning.checkpoint import check_output_dir, save_pruned
+from harness.pruning.importance import (
+    DEFAULT_CALIB_SAMPLES,
+    DEFAULT_SEED,
+    LAYER_METHODS,
+    METHODS,
+    cached_importance,
+    calibration_set,
+    check_method,
+    model_fingerprint,
+    needs_calibration,
+)
+from harness.pruning.plan import check_ratio, lm_shape, parse_layers, plan_layers, plan_width
+
+DEFAULT_DATA = Path("artifacts/data/synth")
+DEFAULT_IMPORTANCE_DIR = Path("artifacts/importance")
+
+
+def prune(model, method: str, ratio: float, out: str | Path, *, processor=None, data: str | Path = DEFAULT_DATA,
+          calib_samples: int | None = None, calib_seed: int = DEFAULT_SEED, batch_size: int = 1,
+          max_length: int = 512, per_layer_ratio: bool = False, attn_layers: str | None = None,
+          mlp_layers: str | None = None, round_to: int = 1, importance_dir: str | Path = DEFAULT_IMPORTANCE_DIR,
+          prune_hidden: bool = False, context: int = DEFAULT_CONTEXT) -> dict:
+    """Prune `model` (a `harness.models.load` spec, or a loaded model with its `processor`) and save it to `out`.
+
+    Returns the `pruning.json` record. Scores come from `importance_dir` when this model,
+    method and calibration set were scored before.
+    """
+    if prune_hidden:
+        raise HarnessError("pruning the hidden size is not supported yet")
+    check_method(method)
+    check_ratio(ratio)
+    settings = _settings(method, per_layer_ratio, attn_layers, mlp_layers, round_to)
+    model, processor = _load(model, processor)
+    settings = _check_plan(model, method, ratio, settings)
+    fingerprint = model_fingerprint(model)
+    check_output_dir(out, {"source_fingerprint": fingerprint, "method": method, "ratio_requested": ratio, **settings})
+    calib = None
+    if needs_calibration(method):
+        n = calib_samples if calib_samples is not None else DEFAULT_CALIB_SAMPLES[method]
+        calib = calibration_set(data, n, calib_seed, batch_size, max_length)
+    importance = cached_importance(model, processor, method, calib, importance_dir, fingerprint)
+    pruned, info = apply_pruning(model, importance, ratio, context=context, **settings)
+    save_pruned(pruned, processor, info, out)
+    return info
+
+
+def _settings(method: str, per_layer_ratio: bool, attn_layers, mlp_layers, round_to: int) -> dict:
+    settings = {"per_layer_ratio": per_layer_ratio, "attn_layers": attn_layers, "mlp_layers": mlp_layers,
+                "round_to": round_to}
+    if method in LAYER_METHODS:
+        check_layer_settings(settings)
+    if round_to < 1:
+        raise HarnessError(f"round_to must be >= 1, got {round_to}")
+    return settings
+
+
+def _load(model, processor):
+    if isinstance(model, (str, Path)):
+        from harness.models import load
+
+        return load(model)
+    if processor is None:
+        raise HarnessError("a loaded model needs its processor")
+    return model, processor
+
+
+def _check_plan(model, method: str, ratio: float, settings: dict) -> dict:
+    """Plan once on the model's shape so impossible requests fail early; returns settings with parsed ranges."""
+    shape = lm_shape(model)
+    if method in LAYER_METHODS:
+        plan_layers(shape, ratio)
+        return settings
+    attn = list(parse_layers(settings["attn_layers"], shape.num_layers, "attn_layers"))
+    mlp = list(parse_layers(settings["mlp_layers"], shape.num_layers, "mlp_layers"))
+    plan_width(shape, ratio, tuple(attn), tuple(mlp), settings["per_layer_ratio"], settings["round_to"])
+    return {**settings, "attn_layers": attn, "mlp_layers": mlp}
+
+
+def add_prune_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `harness prune`; the CLI calls `args.func(args)`."""
+    p = subparsers.add_parser("prune", help="structurally prune the language model of an MLLM",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("model", help="embedded model name, checkpoint directory or hub id")
+    p.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
+    p.add_argument("--ratio", required=True, type=float,
+                   help="share of LM parameters to remove, in (0, 1); with --per-layer-ratio, per layer")
+    p.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="instruction mix dir (mix.json + images/)")
+    p.add_argument("--calib-samples", type=int, default=None,
+                   help="calibration samples (default: 50 for layer methods, 10 for taylor/activation)")
+    p.add_argument("--calib-seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--max-length", type=int, default=512, help="calibration sequence length (tokens)")
+    p.add_argument("--per-layer-ratio", action="store_true",
+                   help="ratio is the fraction of heads and channels removed in each layer of the ranges")
+    p.add_argument("--attn-layers", default=None, help="attention layers to prune, START:END (end exclusive)")
+    p.add_argument("--mlp-layers", default=None, help="MLP layers to prune, START:END (end exclusive)")
+    p.add_argument("--round-to", type=int, default=1, help="keep MLP widths multiples of N")
+    p.add_argument("--importance-dir", type=Path, default=DEFAULT_IMPORTANCE_DIR,
+                   help="where importance scores are stored and reused")
+    p.add_argument("--prune-hidden", action="store_true", help="also prune the hidden size (not supported yet)")
+    p.set_defaults(func=run_prune)
+    return p
+
+
+def run_prune(args: argparse.Namespace) -> dict:
+    info = prune(args.model, args.method, args.ratio, args.out, data=args.data, calib_samples=args.calib_samples,
+                 calib_seed=args.calib_seed, batch_size=args.batch_size, max_length=args.max_length,
+                 per_layer_ratio=args.per_layer_ratio, attn_layers=args.attn_layers, mlp_layers=args.mlp_layers,
+                 round_to=args.round_to, importance_dir=args.importance_dir, prune_hidden=args.prune_hidden)
+    print(f"pruned {args.model} with {info['method']}: removed {info['ratio_achieved']:.4f} of LM parameters "
+          f"(requested {info['ratio_requested']}), {info['lm_params_before']:,} -> {info['lm_params_after']:,}; "
+          f"saved to {args.out}")
+    return info

@@ -1,0 +1,123 @@
+"""Stage 0 of embedded-teacher training: pretrain the vision tower on the world's cells.
+
+LLaVA and Bunny start from a pretrained CLIP / SigLIP, which cannot be downloaded
+here. This stage is the stand-in: linear heads read each cell's content (shape or
+digit, colour, size) from the patch features of the layer the projector uses
+(`vision_feature_layer`), so the features become linearly decodable, as CLIP's are.
+The heads are discarded afterwards; only the vision tower keeps what it learned.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from harness.data import world
+
+N_KIND = 1 + len(world.SHAPES) + 10  # empty, shapes, digits 0-9
+N_COLOR = 1 + len(world.COLORS)
+N_SIZE = 1 + len(world.SIZES)
+
+
+def cell_labels(scene: world.Scene) -> torch.Tensor:
+    """(cells, 3) targets: kind, colour, size; row-major like the vision patches."""
+    labels = torch.zeros(world.GRID * world.GRID, 3, dtype=torch.long)
+    colors, shapes = list(world.COLORS), world.SHAPES
+    for t in scene.things:
+        i = t.row * world.GRID + t.col
+        kind = 1 + len(shapes) + t.digit if t.digit >= 0 else 1 + shapes.index(t.shape)
+        size = 0 if t.digit >= 0 else 1 + world.SIZES.index(t.size)
+        labels[i] = torch.tensor([kind, 1 + colors.index(t.color), size])
+    return labels
+
+
+class SceneStream(IterableDataset):
+    """An endless seeded stream of freshly rendered scenes with their cell labels."""
+
+    def __init__(self, image_processor, seed: int):
+        self.image_processor, self.seed = image_processor, seed
+
+    def __iter__(self):
+        rng = random.Random(f"vision-{self.seed}")
+        while True:
+            scene = world.random_scene(rng)
+            image = world.render(scene, rng.getrandbits(32))
+            pixels = self.image_processor(image, return_tensors="pt")["pixel_values"][0]
+            yield pixels, cell_labels(scene)
+
+
+class VisionPretrainModule(pl.LightningModule):
+    def __init__(self, model, lr: float = 2e-3, total_steps: int = 400):
+        super().__init__()
+        cfg = model.config
+        self.vision = model.model.vision_tower
+        self.layer = cfg.vision_feature_layer
+        self.drop_cls = cfg.vision_config.model_type == "clip_vision_model"
+        hidden = cfg.vision_config.hidden_size
+        self.heads = nn.ModuleList([nn.Linear(hidden, n) for n in (N_KIND, N_COLOR, N_SIZE)])
+        self.lr, self.total_steps = lr, total_steps
+
+    def losses(self, pixels, labels):
+        states = self.vision(pixels, output_hidden_states=True).hidden_states[self.layer]
+        if self.drop_cls:
+            states = states[:, 1:]
+        out = {}
+        for name, head, k in zip(("kind", "color", "size"), self.heads, range(3)):
+            logits = head(states)
+            out[name] = F.cross_entropy(logits.flatten(0, 1), labels[..., k].flatten())
+            out[f"{name}_acc"] = (logits.argmax(-1) == labels[..., k]).float().mean()
+        return out
+
+    def training_step(self, batch, batch_idx):
+        out = self.losses(*batch)
+        loss = out["kind"] + out["color"] + out["size"]
+        self.log_dict({f"vision/{k}": v.detach() for k, v in out.items()}, on_step=True)
+        return loss
+
+    def configure_optimizers(self):
+        from transformers import get_cosine_schedule_with_warmup
+
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
+        sched = get_cosine_schedule_with_warmup(opt, int(0.05 * self.total_steps), self.total_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def pretrain_vision(model, processor, steps: int = 400, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
+                    logger=None, progress: bool = True) -> dict:
+    """Train the vision tower in place; return the final per-head accuracies."""
+    pl.seed_everything(seed, verbose=False)
+    module = VisionPretrainModule(model, lr, steps)
+    model.model.vision_tower.requires_grad_(True)
+    loader = DataLoader(SceneStream(processor.image_processor, seed), batch_size=batch_size)
+    trainer = pl.Trainer(max_steps=steps, accelerator="auto", devices=1, logger=logger or False,
+                         enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False,
+                         log_every_n_steps=20, deterministic=True)
+    trainer.fit(module, loader)
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("vision/")}
+
+
+@torch.no_grad()
+def standardize_projector_input(model, processor, n_images: int = 256, seed: int = 0) -> None:
+    """Data-dependent init: fold the per-dimension mean and std of the vision features into linear_1.
+
+    After pretraining, every patch feature shares a large common component (position
+    embeddings, biases); the language model then sees nearly identical image tokens
+    and learns to ignore them. Standardising the projector's input (a re-parametrisation
+    of the randomly initialised projector, no new module) makes image tokens differ.
+    """
+    cfg = model.config
+    stream = iter(SceneStream(processor.image_processor, seed + 1))
+    pixels = torch.stack([next(stream)[0] for _ in range(n_images)])
+    states = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
+    if cfg.vision_config.model_type == "clip_vision_model" and cfg.vision_feature_select_strategy == "default":
+        states = states[:, 1:]
+    flat = states.flatten(0, 1)
+    mean, std = flat.mean(0), flat.std(0).clamp(min=1e-4)
+    linear = model.model.multi_modal_projector.linear_1
+    linear.bias -= linear.weight @ (mean / std)
+    linear.weight /= std

@@ -1,0 +1,127 @@
+"""The synthetic world: determinism, vocabulary coverage, LLaVA format, labels, fractions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.data.instruct import IGNORE_INDEX, Collator, fraction_indices, load_mix
+from harness.data.make import BENCHMARKS, WorldSpec, make_world
+from harness.errors import HarnessError
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes(tmp_path):
+    spec = WorldSpec(seed=3, mix_size=20, benchmark_size=6)
+    a, b = make_world(tmp_path / "a", spec), make_world(tmp_path / "b", spec)
+    assert _digest(a) == _digest(b)
+    c = make_world(tmp_path / "c", WorldSpec(seed=4, mix_size=20, benchmark_size=6))
+    assert _digest(a)["mix.json"] != _digest(c)["mix.json"]
+
+
+def test_llava_json_format_and_benchmarks(tiny_world):
+    records = json.loads((tiny_world / "mix.json").read_text())
+    assert len(records) == 48
+    for r in records:
+        assert set(r) == {"id", "image", "conversations"}
+        assert (tiny_world / r["image"]).exists()
+        turns = r["conversations"]
+        assert turns[0]["value"].startswith("<image>\n")
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+    for task in BENCHMARKS:
+        assert (tiny_world / "benchmarks" / f"{task}.parquet").exists()
+
+
+def test_pope_and_mme_are_balanced(tmp_path):
+    from datasets import load_dataset
+
+    world = make_world(tmp_path / "w", WorldSpec(mix_size=2, benchmark_size=60))
+    pope = load_dataset("parquet", data_files=str(world / "benchmarks/synth_pope.parquet"), split="train")
+    assert sorted(set(pope["category"])) == ["adversarial", "popular", "random"]
+    assert pope["answer"].count("yes") == 30
+    mme = load_dataset("parquet", data_files=str(world / "benchmarks/synth_mme.parquet"), split="train")
+    by_image: dict = {}
+    for img, ans in zip(mme["image_id"], mme["answer"]):
+        by_image.setdefault(img, []).append(ans)
+    assert all(sorted(a) == ["no", "yes"] for a in by_image.values())
+
+
+def test_tokenizer_covers_the_world(tiny_world, tiny_llava):
+    _, processor = tiny_llava
+    tok = processor.tokenizer
+    for r in json.loads((tiny_world / "mix.json").read_text()):
+        for t in r["conversations"]:
+            assert tok.unk_token_id not in tok(t["value"]).input_ids, t["value"]
+    text = "what number is written in the image? one word."
+    assert tok.decode(tok(text).input_ids) == text
+
+
+def test_labels_cover_exactly_the_answers(tiny_world, tiny_llava):
+    model, processor = tiny_llava
+    collator = Collator(processor, model.config, tiny_world)
+    convo = [{"from": "human", "value": "<image>\nhow many objects are there? number."},
+             {"from": "gpt", "value": "3"},
+             {"from": "human", "value": "is there a red circle in the image? yes or no."},
+             {"from": "gpt", "value": "no"}]
+    ids, labels = collator.encode(convo)
+    tok = processor.tokenizer
+    supervised = tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX])
+    assert supervised.replace(" ", "") == "3</s>no</s>"
+    assert ids.count(model.config.image_token_index) == collator.n_image_tokens == 9
+
+
+def test_chat_template_matches_processor(tiny_llava):
+    from harness.data.instruct import to_messages
+
+    _, processor = tiny_llava
+    msgs = to_messages([{"from": "human", "value": "<image>\nwhat shape is at the top? one word."}])
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert text == "USER: <image>\nwhat shape is at the top? one word. ASSISTANT:"
+
+
+def test_fractions_are_nested_and_seeded():
+    sets = [set(fraction_indices(1000, f, seed=7)) for f in (0.01, 0.05, 0.1, 0.25, 1.0)]
+    assert [len(s) for s in sets] == [10, 50, 100, 250, 1000]
+    assert all(a <= b for a, b in zip(sets, sets[1:]))
+    assert fraction_indices(1000, 0.05, seed=7) == fraction_indices(1000, 0.05, seed=7)
+    assert fraction_indices(1000, 0.05, seed=7) != fraction_indices(1000, 0.05, seed=8)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5])
+def test_bad_fraction(bad):
+    with pytest.raises(HarnessError, match="fraction"):
+        fraction_indices(10, bad)
+
+
+def test_bad_mix_inputs(tmp_path):
+    with pytest.raises(HarnessError, match="not found"):
+        load_mix(tmp_path / "missing.json")
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(HarnessError):
+        load_mix(tmp_path / "empty.json")
+    (tmp_path / "wrong.json").write_text(json.dumps([{"id": 1, "text": "hi"}]))
+    with pytest.raises(HarnessError, match="conversations"):
+        load_mix(tmp_path / "wrong.json")
+
+
+def test_bad_world_spec_writes_nothing(tmp_path):
+    with pytest.raises(HarnessError, match="mix_size"):
+        make_world(tmp_path / "w", WorldSpec(mix_size=0))
+    assert not (tmp_path / "w").exists()
+
+
+def test_undecodable_image_is_one_clear_error(tiny_world, tiny_llava, tmp_path):
+    model, processor = tiny_llava
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    collator = Collator(processor, model.config, tmp_path)
+    record = {"image": "bad.png", "conversations": [{"from": "human", "value": "<image>\nhi"},
+                                                    {"from": "gpt", "value": "yes"}]}
+    with pytest.raises(HarnessError, match="cannot decode image"):
+        collator([record])

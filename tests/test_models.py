@@ -1,0 +1,96 @@
+"""Embedded models: native transformers classes, save/reload, adapters, loading errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from harness.errors import HarnessError
+from harness.models import EMBEDDED, LMAdapter, build_embedded, load
+
+from .conftest import SMALL_LM
+
+
+def _inputs(processor, model):
+    from PIL import Image
+
+    from harness.evaluation.generate import build_prompt
+
+    image = Image.new("RGB", (48, 48), (200, 30, 30))
+    text = build_prompt(processor, "what color is the square? one word.")
+    return processor(text=[text], images=[image], return_tensors="pt")
+
+
+@pytest.mark.parametrize("name", sorted(EMBEDDED))
+def test_embedded_shapes_and_families(name):
+    model, processor = build_embedded(name, scale=SMALL_LM)
+    adapter = LMAdapter(model)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert adapter.family_name == EMBEDDED[name].text_type
+    assert len(adapter.layers) == 2
+    ins, out = adapter.attn_linears(adapter.layers[0])
+    assert ins[0].out_features == adapter.num_heads * adapter.head_dim
+    assert ins[1].out_features == adapter.num_kv_heads * adapter.head_dim
+    assert out.in_features == adapter.num_heads * adapter.head_dim
+    with torch.no_grad():
+        logits = model(**_inputs(processor, model)).logits
+    assert logits.shape[-1] == len(processor.tokenizer)
+
+
+def test_default_teachers_are_shaped_for_a_pruning_study():
+    for name in ("tiny-llava", "tiny-bunny"):
+        cfg = EMBEDDED[name].text
+        assert cfg["num_hidden_layers"] >= 12 and cfg["num_attention_heads"] >= 8
+        assert cfg["intermediate_size"] >= 2.5 * cfg["hidden_size"]
+    assert EMBEDDED["tiny-llava-gqa"].text["num_key_value_heads"] < EMBEDDED["tiny-llava-gqa"].text["num_attention_heads"]
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-bunny"])
+def test_save_and_plain_reload_give_identical_logits(name, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model, processor = build_embedded(name, scale=SMALL_LM)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    again = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    proc2 = AutoProcessor.from_pretrained(tmp_path)
+    with torch.no_grad():
+        a = model(**_inputs(processor, model)).logits
+        b = again(**_inputs(proc2, again)).logits
+    assert torch.equal(a, b)
+    loaded, _ = load(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(**_inputs(proc2, loaded)).logits, a)
+
+
+def test_processor_round_trip_expands_image_tokens(tmp_path):
+    from transformers import AutoProcessor
+
+    model, processor = build_embedded("tiny-bunny", scale=SMALL_LM)
+    processor.save_pretrained(tmp_path)
+    again = AutoProcessor.from_pretrained(tmp_path)
+    enc = _inputs(again, model)
+    assert int((enc["input_ids"] == model.config.image_token_index).sum()) == 9
+    assert again.tokenizer.decode(again.tokenizer("is the red circle above the blue square?").input_ids) == \
+        "is the red circle above the blue square?"
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(HarnessError, match="unknown model"):
+        load("no-such-model")
+    with pytest.raises(HarnessError, match="no config.json"):
+        load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(HarnessError, match="not a multimodal"):
+        load(tmp_path)
+
+
+def test_unsupported_family_is_rejected():
+    model, _ = build_embedded("tiny-llava", scale=SMALL_LM)
+    model.config.text_config.model_type = "gpt2"
+    with pytest.raises(HarnessError, match="unsupported language-model family"):
+        LMAdapter(model)

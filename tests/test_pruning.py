@@ -1,0 +1,246 @@
+"""Pruned models must compute exactly what the unpruned model computes with the same parts masked out."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from harness.data.make import WorldSpec, make_world
+from harness.evaluation.generate import build_prompt
+from harness.models.adapter import LMAdapter
+from harness.models.embedded import build_embedded
+from harness.pruning import apply_pruning, calibration_set, compute_importance, remove_layers, slice_widths
+from harness.pruning.apply import select_layers
+from harness.pruning.importance import _calibration_loss
+
+FAMILIES = ["tiny-llava", "tiny-bunny", "tiny-llava-gqa", "tiny-qwen2"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pruning") / "world"
+    make_world(root, WorldSpec(mix_size=40, benchmark_size=10))
+    return root
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model, processor = build_embedded(name, seed=1, scale={"num_hidden_layers": 4})
+            cache[name] = (model.eval(), processor)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def calib(world):
+    return calibration_set(world, 4, seed=42, batch_size=2)
+
+
+def logits(model, batch):
+    """Logits at real (non-padding) positions."""
+    with torch.no_grad():
+        out = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+    return out[batch["attention_mask"].bool()]
+
+
+def masked_copy(model, kept):
+    """The unpruned model with removed heads' o_proj columns and removed channels' down_proj columns zeroed."""
+    ref = copy.deepcopy(model)
+    adapter = LMAdapter(ref)
+    hd = adapter.head_dim
+    with torch.no_grad():
+        for layer, keep in zip(adapter.layers, kept, strict=True):
+            _, o = adapter.attn_linears(layer)
+            for h in set(range(o.in_features // hd)) - set(keep["heads"]):
+                o.weight[:, h * hd:(h + 1) * hd] = 0
+            _, down = adapter.mlp_linears(layer)
+            for c in set(range(down.in_features)) - set(keep["mlp"]):
+                down.weight[:, c] = 0
+    return ref
+
+
+class Skip(nn.Module):
+    """Stands in for a removed decoder layer: passes the hidden states through."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def skipped_copy(model, removed):
+    ref = copy.deepcopy(model)
+    layers = LMAdapter(ref).layers
+    for i in removed:
+        layers[i] = Skip()
+    return ref
+
+
+def test_keep_everything_gives_identical_logits(models, calib):
+    model, processor = models("tiny-llava")
+    batch = calib.batches(processor, model)[0]
+    adapter = LMAdapter(model)
+    keep_all = [{"heads": list(range(8)), "kv_heads": list(range(8)), "mlp": list(range(256))}
+                for _ in adapter.layers]
+    relabelled = slice_widths(model, keep_all)
+    assert relabelled.config.text_config.model_type == "mistral"
+    assert torch.equal(logits(relabelled, batch), logits(model, batch))
+    assert torch.equal(logits(remove_layers(model, []), batch), logits(model, batch))
+
+
+@pytest.mark.parametrize(("name", "method"), [(name, "width-magnitude") for name in FAMILIES]
+                         + [("tiny-llava-gqa", "width-taylor"), ("tiny-bunny", "width-activation")])
+def test_width_pruning_equals_masking(models, calib, name, method):
+    model, processor = models(name)
+    importance = compute_importance(model, processor, method, calib)
+    pruned, info = apply_pruning(model, importance, 0.3)
+    assert abs(info["ratio_achieved"] - 0.3) <= 0.01
+    batch = calib.batches(processor, model)[0]
+    diff = (logits(pruned, batch) - logits(masked_copy(model, info["kept"]), batch)).abs().max()
+    assert diff <= 1e-5
+
+
+def test_gqa_removes_whole_kv_groups(models, calib):
+    model, processor = models("tiny-llava-gqa")
+    importance = compute_importance(model, processor, "width-magnitude", None)
+    pruned, info = apply_pruning(model, importance, 0.45)
+    text = pruned.config.text_config
+    assert (text.num_attention_heads, text.num_key_value_heads) == (4, 1)
+    for keep in info["kept"]:
+        assert keep["heads"] == [g * 4 + j for g in keep["kv_heads"] for j in range(4)]
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-bunny", "tiny-qwen2"])
+def test_layer_pruning_equals_skipping(models, calib, name):
+    model, processor = models(name)
+    batch = calib.batches(processor, model)[0]
+    pruned = remove_layers(model, [1, 2])
+    assert pruned.config.text_config.num_hidden_layers == 2
+    assert [LMAdapter(pruned).attn(layer).layer_idx for layer in LMAdapter(pruned).layers] == [0, 1]
+    if name == "tiny-qwen2":
+        assert len(pruned.config.text_config.layer_types) == 2
+    diff = (logits(pruned, batch) - logits(skipped_copy(model, [1, 2]), batch)).abs().max()
+    assert diff <= 1e-5
+
+
+def test_layer_bi_prunes_lowest_scores(models, calib):
+    model, processor = models("tiny-llava")
+    importance = compute_importance(model, processor, "layer-bi", calib)
+    pruned, info = apply_pruning(model, importance, 0.24)
+    lowest = int(torch.argmin(importance.scores["layer"]))
+    assert info["removed_layers"] == [lowest]
+    batch = calib.batches(processor, model)[0]
+    assert (logits(pruned, batch) - logits(skipped_copy(model, [lowest]), batch)).abs().max() <= 1e-5
+
+
+def test_block_influence_matches_independent_cosine(models, calib):
+    model, processor = models("tiny-llava")
+    importance = compute_importance(model, processor, "layer-bi", calib)
+    layers = LMAdapter(model).layers
+    expected = torch.zeros(len(layers), dtype=torch.float64)
+    last = {}
+    for batch in calib.batches(processor, model):
+        hook = layers[-1].register_forward_hook(lambda m, a, out: last.update(out=out))
+        with torch.no_grad():
+            hidden = model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True).hidden_states
+        hook.remove()
+        states = list(hidden[:-1]) + [last["out"]]  # hidden[-1] is after the final norm, not the layer's output
+        mask = batch["attention_mask"].bool()
+        for i in range(len(layers)):
+            a, b = states[i][mask].double(), states[i + 1][mask].double()
+            cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+            expected[i] += (1 - cos).sum()
+    assert torch.allclose(importance.scores["layer"].double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_angular_distance_removes_closest_block(models, calib):
+    model, processor = models("tiny-llava")
+    importance = compute_importance(model, processor, "layer-angular", calib)
+    distance = importance.scores["block_distance"]
+    assert distance.shape == (4, 4) and torch.isinf(distance[3, 1:]).all()
+    assert ((distance[~torch.isinf(distance)] >= 0) & (distance[~torch.isinf(distance)] <= 1)).all()
+    start = int(torch.argmin(distance[1, :3]))
+    assert select_layers(importance, 2) == [start, start + 1]
+    batch = calib.batches(processor, model)[0]
+    h = [s[batch["attention_mask"].bool()] for s in _all_states(model, batch)]
+    by_hand = (torch.arccos(F.cosine_similarity(h[0], h[2], dim=-1).clamp(-1, 1)) / math.pi).mean()
+    assert by_hand.item() == pytest.approx(
+        compute_importance(model, processor, "layer-angular", _single(calib)).scores["block_distance"][1, 0].item(),
+        rel=1e-4)
+
+
+def _single(calib):
+    return type(calib)(calib.records[:2], calib.ids[:2], calib.image_root, 2, calib.max_length)
+
+
+def _all_states(model, batch):
+    with torch.no_grad():
+        hidden = model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True).hidden_states
+    return hidden[:-1]
+
+
+def test_layer_loss_is_loss_increase_without_the_layer(models, calib):
+    model, processor = models("tiny-llava")
+    importance = compute_importance(model, processor, "layer-loss", calib)
+    batches = calib.batches(processor, model)
+    base = _calibration_loss(model, batches)
+    without_2 = _calibration_loss(remove_layers(model, [2]), batches)
+    assert importance.scores["layer"][2].item() == pytest.approx(without_2 - base, rel=1e-4, abs=1e-5)
+
+
+def test_taylor_is_weight_times_gradient_per_group(models, calib):
+    model, processor = models("tiny-bunny")
+    importance = compute_importance(model, processor, "width-taylor", calib)
+    ref = copy.deepcopy(model)
+    batches = calib.batches(processor, ref)
+    total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    for b in batches:
+        (ref(**b, use_cache=False).loss * int((b["labels"][:, 1:] != -100).sum()) / total).backward()
+    adapter = LMAdapter(ref)
+    (q, k, v), dense = adapter.attn_linears(adapter.layers[1])
+    hd = adapter.head_dim
+    head = 3
+    expected = sum(((lin.weight * lin.weight.grad).abs()[head * hd:(head + 1) * hd].sum()
+                    + (lin.bias * lin.bias.grad).abs()[head * hd:(head + 1) * hd].sum()) for lin in (q, k, v))
+    expected = expected + (dense.weight * dense.weight.grad).abs()[:, head * hd:(head + 1) * hd].sum()
+    assert importance.scores["attn"][1, head].item() == pytest.approx(expected.item(), rel=1e-4)
+    fc1, fc2 = adapter.mlp_linears(adapter.layers[1])[0][0], adapter.mlp_linears(adapter.layers[1])[1]
+    channel = (fc1.weight * fc1.weight.grad).abs()[7].sum() + (fc1.bias * fc1.bias.grad).abs()[7] \
+        + (fc2.weight * fc2.weight.grad).abs()[:, 7].sum()
+    assert importance.scores["mlp"][1, 7].item() == pytest.approx(channel.item(), rel=1e-4)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_activation_scores_are_forward_only_and_nonnegative(models, calib):
+    model, processor = models("tiny-qwen2")
+    importance = compute_importance(model, processor, "width-activation", calib)
+    assert importance.scores["attn"].shape == (4, 4) and importance.scores["mlp"].shape == (4, 256)
+    assert (importance.scores["attn"] > 0).all() and (importance.scores["mlp"] >= 0).all()
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("case", ["layers", "non-uniform"])
+def test_greedy_generation_with_cache_equals_without(models, calib, case):
+    model, processor = models("tiny-llava")
+    if case == "layers":
+        pruned = remove_layers(model, [0, 2])
+    else:
+        importance = compute_importance(model, processor, "width-magnitude", None)
+        pruned, _ = apply_pruning(model, importance, 0.3, per_layer_ratio=True, attn_layers="1:3", mlp_layers="2:4")
+    image = Image.open(calib.image_root / calib.records[0]["image"]).convert("RGB")
+    prompt = processor(text=[build_prompt(processor, "what color is the square?")], images=[image],
+                       return_tensors="pt")
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = pruned.generate(**prompt, use_cache=True, **kwargs)
+        uncached = pruned.generate(**prompt, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)

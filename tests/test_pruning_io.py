@@ -1,0 +1,184 @@
+"""Pruned checkpoints on disk, importance reuse, the CLI entry, and MAC accounting."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from harness.data.make import WorldSpec, make_world
+from harness.errors import HarnessError
+from harness.models import load
+from harness.models.adapter import LMAdapter
+from harness.models.embedded import build_embedded
+from harness.models.flops import count_params, lm_macs_per_token
+from harness.pruning import add_prune_parser, calibration_set, prune
+
+FAMILIES = ["tiny-llava", "tiny-bunny", "tiny-llava-gqa", "tiny-qwen2"]
+REQUIRED = {"method", "ratio_requested", "ratio_achieved", "lm_params_before", "lm_params_after",
+            "total_params_before", "total_params_after", "macs_per_token_before", "macs_per_token_after",
+            "calibration_ids", "importance", "removed_layers"}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("pruning_io")
+
+
+@pytest.fixture(scope="module")
+def world(root):
+    make_world(root / "world", WorldSpec(mix_size=40, benchmark_size=10))
+    return root / "world"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(root):
+    """Random-init 4-layer models saved like teachers (safetensors + processor), by family."""
+    paths = {}
+    for name in FAMILIES:
+        model, processor = build_embedded(name, seed=2, scale={"num_hidden_layers": 4})
+        model.save_pretrained(root / name)
+        processor.save_pretrained(root / name)
+        paths[name] = root / name
+    return paths
+
+
+@pytest.fixture(scope="module")
+def batch(world, checkpoints):
+    model, processor = load(checkpoints["tiny-llava"])
+    return calibration_set(world, 2, batch_size=2).batches(processor, model)[0]
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        out = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+    return out[batch["attention_mask"].bool()]
+
+
+def _prune(checkpoints, world, root, name, method, ratio, out, **kw):
+    return prune(str(checkpoints[name]), method, ratio, root / out, data=world, calib_samples=4,
+                 importance_dir=root / "importance", **kw)
+
+
+def masked_original(path, kept):
+    """The unpruned model with removed heads' output columns and removed channels' down columns zeroed."""
+    model, _ = load(path)
+    adapter = LMAdapter(model)
+    hd = adapter.head_dim
+    with torch.no_grad():
+        for layer, keep in zip(adapter.layers, kept, strict=True):
+            out = adapter.attn_linears(layer)[1]
+            for h in set(range(out.in_features // hd)) - set(keep["heads"]):
+                out.weight[:, h * hd:(h + 1) * hd] = 0
+            down = adapter.mlp_linears(layer)[1]
+            for c in set(range(down.in_features)) - set(keep["mlp"]):
+                down.weight[:, c] = 0
+    return model
+
+
+@pytest.mark.parametrize(("name", "method", "ratio"), [
+    ("tiny-llava", "width-taylor", 0.15),  # 7 heads: 96 % 7 != 0, which LlamaConfig would refuse
+    ("tiny-bunny", "width-magnitude", 0.3), ("tiny-llava-gqa", "width-magnitude", 0.3),
+    ("tiny-qwen2", "width-magnitude", 0.3)])
+def test_uniform_width_loads_with_plain_transformers(checkpoints, world, root, batch, name, method, ratio):
+    info = _prune(checkpoints, world, root, name, method, ratio, f"{name}-w")
+    out = root / f"{name}-w"
+    assert REQUIRED <= set(info) and info["removed_layers"] == [] and len(info["kept"]) == 4
+    assert json.loads((out / "pruning.json").read_text())["ratio_achieved"] == info["ratio_achieved"]
+    text = json.loads((out / "config.json").read_text())["text_config"]
+    if name == "tiny-llava":
+        assert text["model_type"] == "mistral" and text["sliding_window"] is None
+        assert text["num_attention_heads"] == 7 and text["head_dim"] == 12
+    plain = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    assert plain.config.text_config.num_attention_heads == len(info["kept"][0]["heads"])
+    assert torch.equal(logits(plain, batch), logits(load(out)[0], batch))
+    reference = masked_original(checkpoints[name], info["kept"])
+    assert (logits(plain, batch) - logits(reference, batch)).abs().max() <= 1e-5
+
+
+def test_layer_pruned_loads_with_plain_transformers(checkpoints, world, root, batch):
+    info = _prune(checkpoints, world, root, "tiny-llava", "layer-bi", 0.24, "tiny-llava-l1")
+    assert len(info["removed_layers"]) == 1 and len(info["calibration_ids"]) == 4
+    assert info["importance"]["layer"] and "kept" not in info
+    plain = LlavaForConditionalGeneration.from_pretrained(root / "tiny-llava-l1").eval()
+    assert plain.config.text_config.model_type == "llama" and plain.config.text_config.num_hidden_layers == 3
+    assert torch.equal(logits(plain, batch), logits(load(root / "tiny-llava-l1")[0], batch))
+
+
+def test_non_uniform_widths_load_through_harness(checkpoints, world, root, batch):
+    source, processor = load(checkpoints["tiny-bunny"])
+    info = prune(source, "width-activation", 0.3, root / "bunny-blocks", processor=processor, data=world,
+                 calib_samples=4, importance_dir=root / "importance", per_layer_ratio=True, attn_layers="1:3",
+                 mlp_layers="1:4")
+    config = json.loads((root / "bunny-blocks" / "config.json").read_text())["text_config"]
+    assert [w["heads"] for w in config["pruned_widths"]] == [8, 6, 6, 8]
+    assert [w["intermediate"] for w in config["pruned_widths"]] == [256, 179, 179, 179]
+    assert 0 < info["ratio_achieved"] < 0.3
+    model, _ = load(root / "bunny-blocks")
+    assert type(model) is LlavaForConditionalGeneration
+    # A recovered student is written by plain save_pretrained with the side files copied: it loads the same way.
+    model.save_pretrained(root / "bunny-recovered")
+    for f in (root / "bunny-blocks").iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            shutil.copy(f, root / "bunny-recovered" / f.name)
+    assert torch.equal(logits(load(root / "bunny-recovered")[0], batch), logits(model, batch))
+
+
+def test_importance_reuse_runs_no_forward_pass(checkpoints, world, root, monkeypatch):
+    calls = []
+    original = LlavaForConditionalGeneration.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "forward", counting)
+    importance_dir = root / "reuse-importance"
+    prune(str(checkpoints["tiny-llava-gqa"]), "width-taylor", 0.15, root / "reuse-15", data=world,
+          calib_samples=4, importance_dir=importance_dir)
+    assert len(calls) == 4  # batch size 1
+    calls.clear()
+    for ratio in (0.3, 0.45):
+        prune(str(checkpoints["tiny-llava-gqa"]), "width-taylor", ratio, root / f"reuse-{ratio}", data=world,
+              calib_samples=4, importance_dir=importance_dir)
+    assert calls == [] and len(list(importance_dir.iterdir())) == 1
+
+
+def test_output_dir_reuse_is_idempotent_only_for_the_same_run(checkpoints, world, root):
+    first = _prune(checkpoints, world, root, "tiny-llava", "width-magnitude", 0.3, "same")
+    again = _prune(checkpoints, world, root, "tiny-llava", "width-magnitude", 0.3, "same")
+    assert first == again
+    with pytest.raises(HarnessError, match="different model"):
+        _prune(checkpoints, world, root, "tiny-llava", "width-magnitude", 0.45, "same")
+    assert json.loads((root / "same" / "pruning.json").read_text())["ratio_requested"] == 0.3
+
+
+def test_cli_subcommand(checkpoints, world, root, capsys):
+    parser = argparse.ArgumentParser(prog="harness")
+    add_prune_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["prune", str(checkpoints["tiny-bunny"]), "--method", "layer-angular", "--ratio",
+                              "0.24", "--out", str(root / "cli"), "--data", str(world), "--calib-samples", "3",
+                              "--importance-dir", str(root / "importance")])
+    info = args.func(args)
+    assert "removed 0.2398 of LM parameters" in capsys.readouterr().out and len(info["removed_layers"]) == 1
+    assert (root / "cli" / "model.safetensors").exists() and (root / "cli" / "processor_config.json").exists()
+
+
+def test_macs_and_params_follow_the_modules(checkpoints, world, root):
+    model, _ = load(checkpoints["tiny-llava"])
+    linear = 4 * (4 * 96 * 96 + 3 * 96 * 256) + 96 * 76
+    assert lm_macs_per_token(model, context=100) == linear + 4 * 2 * 96 * 100
+    assert count_params(model) == sum(p.numel() for p in model.parameters())
+    info = _prune(checkpoints, world, root, "tiny-llava", "width-magnitude", 0.3, "macs", per_layer_ratio=True,
+                  attn_layers="0:2", mlp_layers="2:4")
+    pruned, _ = load(root / "macs")
+    heads = [len(k["heads"]) * 12 for k in info["kept"]]
+    mlp = [len(k["mlp"]) for k in info["kept"]]
+    expected = sum(4 * 96 * h + 3 * 96 * m + 2 * h * 2048 for h, m in zip(heads, mlp, strict=True)) + 96 * 76
+    assert lm_macs_per_token(pruned) == expected == info["macs_per_token_after"]
+    assert info["total_params_before"] - info["total_params_after"] == \
+        info["lm_params_before"] - info["lm_params_after"]
