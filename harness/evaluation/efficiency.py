@@ -6,8 +6,8 @@ numbers compare checkpoints rather than benchmark mixes. How each number is take
 - total_params / lm_params: `harness.models.flops.count_params` and
   `LMAdapter.lm_parameters()` (the paper's "LM size": decoder, embeddings, LM head).
 - macs_per_token: `harness.models.flops.lm_macs_per_token` at the probe's prompt length.
-- prefill_ms: median wall time of one forward pass over the probe prompt (image included).
-- decode_ms_per_token: median of (generate N+1 tokens - generate 1 token) / N, forced to
+- prefill_ms: fastest wall time of one forward pass over the probe prompt (image included).
+- decode_ms_per_token: (fastest generate of N+1 tokens - fastest of 1 token) / N, forced to
   length N+1, so prefill and generate's fixed overhead cancel out.
 - peak_memory_mb: on CUDA, `torch.cuda.max_memory_allocated` after a reset (tensors only);
   on CPU, the process's peak resident set size (VmHWM) during the probe, after resetting it
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import random
 import resource
-import statistics
 import time
 from pathlib import Path
 
@@ -46,7 +45,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_seconds(fn, device: torch.device, repeats: int) -> float:
+def _best_seconds(fn, device: torch.device, repeats: int) -> float:
+    """The fastest of `repeats` timed calls: other load on the machine only ever adds time."""
     fn()  # warm-up: kernels, allocator, lazy init
     times = []
     for _ in range(repeats):
@@ -55,7 +55,7 @@ def _median_seconds(fn, device: torch.device, repeats: int) -> float:
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def _reset_cpu_peak() -> bool:
@@ -89,9 +89,9 @@ def latency(model, processor, decode_tokens: int = 16, repeats: int = 5) -> dict
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     reset_worked = _reset_cpu_peak() if device.type != "cuda" else False
-    prefill = _median_seconds(lambda: model(**inputs, use_cache=True), device, repeats)
-    one = _median_seconds(lambda: generate(1), device, repeats)
-    many = _median_seconds(lambda: generate(decode_tokens + 1), device, repeats)
+    prefill = _best_seconds(lambda: model(**inputs, use_cache=True), device, repeats)
+    one = _best_seconds(lambda: generate(1), device, repeats)
+    many = _best_seconds(lambda: generate(decode_tokens + 1), device, repeats)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
