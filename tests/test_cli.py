@@ -17,11 +17,20 @@ from harness.cli import main
     (["data", "make", "--out", "{tmp}/o", "--mix-size", "0"], "mix_size"),
     (["teacher", "train", "tiny-gpt", "--out", "{tmp}/o"], "unknown embedded model"),
     (["prune", "no-such-model", "--method", "layer-bi", "--ratio", "0.3", "--out", "{tmp}/o"], "unknown model"),
-    (["eval", "no-such-model", "--tasks", "synth", "--out", "{tmp}/o/e.json"], "unknown model"),
+    (["eval", "no-such-model", "--tasks", "synth", "--data", "{tmp}/nodata", "--out", "{tmp}/o/e.json"],
+     "benchmark data missing"),
+    (["eval", "no-such-model", "--tasks", "synth_gqq", "--out", "{tmp}/o/e.json"], "synth_gqa"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, match, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and match in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_of_an_unknown_model(tiny_world, tmp_path, capsys):
+    argv = ["eval", "no-such-model", "--tasks", "synth", "--data", str(tiny_world), "--out", str(tmp_path / "o/e.json")]
+    assert main(argv) == 2
+    assert "unknown model" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
