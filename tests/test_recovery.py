@@ -224,3 +224,21 @@ def test_recover_end_to_end_writes_an_hf_student(saved_tiny_llava, tiny_world, t
     assert saved["recipe"] == "lora-sft" and saved["data_fraction"] == 0.5
     model = LlavaForConditionalGeneration.from_pretrained(out)
     assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_student_trains_in_train_mode_and_teacher_stays_in_eval(saved_tiny_llava, tiny_world):
+    import pytorch_lightning as pl
+
+    from harness.models import load
+
+    student, processor = load(saved_tiny_llava)  # loaded checkpoints come in eval mode
+    teacher = load(saved_tiny_llava, processor=False)
+    seen = {}
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen["student"], seen["teacher"] = module.student.training, module.teacher.training
+
+    recipe = get_recipe("sft+kd-hidden", max_steps=1, batch_size=4)
+    _fit(student, processor, tiny_world, recipe, teacher, callbacks=[Probe()])
+    assert seen == {"student": True, "teacher": False}

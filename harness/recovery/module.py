@@ -108,8 +108,11 @@ class RecoveryModule(pl.LightningModule):
         self._tokens = 0
 
     def on_fit_start(self):
+        # Loaded checkpoints come in eval mode and Lightning keeps module modes: the
+        # student must train (LoRA dropout), the teacher must not.
+        self.student.train()
         if self.teacher is not None:
-            self.teacher.to(self.device)
+            self.teacher.to(self.device).eval()
 
     def forward(self, batch):
         return self.student(**batch)
