@@ -6,6 +6,7 @@ import copy
 import json
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from harness.data.datamodule import MixDataModule
@@ -120,30 +121,23 @@ def test_merged_lora_equals_unmerged(tiny_llava, tiny_world):
     with torch.no_grad():
         unmerged = model(**batch).logits
         merged = merge_lora(model)(**batch).logits
-    assert not any("lora" in n for n, _ in merged_named(model))
+    assert not any("lora" in n for n, _ in model.named_parameters())
     assert torch.allclose(unmerged, merged, atol=1e-5)
-
-
-def merged_named(model):
-    return list(model.named_parameters())
 
 
 class _Crash(Exception):
     pass
 
 
-class _CrashAt:
-    """A Lightning callback that kills the run right after step `step` is checkpointed."""
+class _CrashAt(pl.Callback):
+    """Kills the run right after step `step` is checkpointed."""
 
-    def __new__(cls, step):
-        import pytorch_lightning as pl
+    def __init__(self, step):
+        self.step = step
 
-        class Crash(pl.Callback):
-            def on_train_batch_end(self, trainer, *args):
-                if trainer.global_step == step:
-                    raise _Crash()
-
-        return Crash()
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise _Crash()
 
 
 def test_resume_after_interruption_is_exact(tiny_llava, tiny_world, tmp_path):
@@ -227,8 +221,6 @@ def test_recover_end_to_end_writes_an_hf_student(saved_tiny_llava, tiny_world, t
 
 
 def test_student_trains_in_train_mode_and_teacher_stays_in_eval(saved_tiny_llava, tiny_world):
-    import pytorch_lightning as pl
-
     from harness.models import load
 
     student, processor = load(saved_tiny_llava)  # loaded checkpoints come in eval mode
