@@ -70,6 +70,47 @@ def masked_copy(model, kept):
     return ref
 
 
+def _norms(model):
+    """The decoder's norms, found by type (independently of the pruning code)."""
+    return [m for m in LMAdapter(model).decoder.modules()
+            if isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("RMSNorm")]
+
+
+def dead_copy(model, info):
+    """The unpruned model with the pruned heads/channels masked and the removed hidden channels dead.
+
+    Dead: zero in the embeddings, the projector's output and every residual-writing row
+    (attention and MLP outputs, with biases), and in every norm's weight and bias, so they
+    stay zero all the way to the LM head. The projector's removed inner channels are masked
+    like MLP channels (columns of its last linear). With LayerNorm (Phi) the writers are also
+    centred over the kept channels, so the dead zeros do not shift the norm's mean; that
+    offset is invisible to the pruned model, whose LayerNorms see only the kept channels.
+    """
+    ref = masked_copy(model, info["kept"])
+    adapter = LMAdapter(ref)
+    kept = info["kept_hidden"]
+    gone = sorted(set(range(info["hidden_size_before"])) - set(kept))
+    gone_inner = sorted(set(range(info["hidden_size_before"])) - set(info["kept_projector"]))
+    embed, projector = adapter.decoder.get_input_embeddings(), adapter.projector.linear_2
+    writers = [projector] + [lin for layer in adapter.layers
+                             for lin in (adapter.attn_linears(layer)[1], adapter.mlp_linears(layer)[1])]
+    centre = any(isinstance(m, nn.LayerNorm) for m in _norms(ref))
+    with torch.no_grad():
+        embed.weight[:, gone] = 0
+        projector.weight[:, gone_inner] = 0
+        for lin in writers:
+            for p in lin.parameters():
+                p[gone] = 0
+                if centre:
+                    p[kept] -= p[kept].mean(0, keepdim=True)
+        if centre:
+            embed.weight[:, kept] -= embed.weight[:, kept].mean(1, keepdim=True)
+        for norm in _norms(ref):
+            for p in norm.parameters():
+                p[gone] = 0
+    return ref
+
+
 class Skip(nn.Module):
     """Stands in for a removed decoder layer: passes the hidden states through."""
 
@@ -117,6 +158,23 @@ def test_gqa_removes_whole_kv_groups(models, calib):
     assert (text.num_attention_heads, text.num_key_value_heads) == (4, 1)
     for keep in info["kept"]:
         assert keep["heads"] == [g * 4 + j for g in keep["kv_heads"] for j in range(4)]
+
+
+@pytest.mark.parametrize(("name", "method"), [("tiny-llava", "width-magnitude"), ("tiny-bunny", "width-activation"),
+                                             ("tiny-llava-gqa", "width-taylor"), ("tiny-qwen2", "width-magnitude")])
+def test_hidden_pruning_equals_dead_channels(models, calib, name, method):
+    model, processor = models(name)
+    importance = compute_importance(model, processor, method, calib)
+    pruned, info = apply_pruning(model, importance, 0.3, prune_hidden=True)
+    assert abs(info["ratio_achieved"] - 0.3) <= 0.01
+    text, before = pruned.config.text_config, model.config.text_config
+    assert text.hidden_size == info["hidden_size"] == len(info["kept_hidden"]) < 96
+    assert LMAdapter(pruned).head_dim == LMAdapter(model).head_dim
+    eps = "layer_norm_eps" if name == "tiny-bunny" else "rms_norm_eps"
+    assert getattr(text, eps) == pytest.approx(getattr(before, eps) * 96 / text.hidden_size)
+    batch = calib.batches(processor, model)[0]
+    diff = (logits(pruned, batch) - logits(dead_copy(model, info), batch)).abs().max()
+    assert diff <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-bunny", "tiny-qwen2"])
@@ -217,22 +275,69 @@ def test_taylor_is_weight_times_gradient_per_group(models, calib):
     channel = (fc1.weight * fc1.weight.grad).abs()[7].sum() + (fc1.bias * fc1.bias.grad).abs()[7] \
         + (fc2.weight * fc2.weight.grad).abs()[:, 7].sum()
     assert importance.scores["mlp"][1, 7].item() == pytest.approx(channel.item(), rel=1e-4)
+    taylor = lambda p: (p * p.grad).abs()  # noqa: E731
+    assert importance.scores["hidden"][5].item() == pytest.approx(hidden_by_hand(ref, 5, taylor).item(), rel=1e-4)
+    assert importance.scores["projector"][9].item() == pytest.approx(
+        projector_by_hand(ref, 9, taylor).item(), rel=1e-4)
     assert all(p.grad is None for p in model.parameters())
+
+
+def hidden_by_hand(model, c, element):
+    """Sum of `element` over every weight of hidden channel c, written out per module."""
+    adapter = LMAdapter(model)
+    total = element(adapter.decoder.get_input_embeddings().weight)[:, c].sum()
+    total = total + element(adapter.lm_head.weight)[:, c].sum()
+    projector = adapter.projector.linear_2
+    total = total + element(projector.weight)[c].sum() + element(projector.bias)[c]
+    for norm in _norms(model):
+        total = total + sum(element(p)[c] for p in norm.parameters())
+    for layer in adapter.layers:
+        for ins, out in (adapter.attn_linears(layer), adapter.mlp_linears(layer)):
+            total = total + sum(element(lin.weight)[:, c].sum() for lin in ins) + element(out.weight)[c].sum()
+            if out.bias is not None:
+                total = total + element(out.bias)[c]
+    return total
+
+
+def projector_by_hand(model, c, element):
+    first, last = LMAdapter(model).projector.linear_1, LMAdapter(model).projector.linear_2
+    return element(first.weight)[c].sum() + element(first.bias)[c] + element(last.weight)[:, c].sum()
+
+
+@pytest.mark.parametrize("name", ["tiny-bunny", "tiny-llava"])
+def test_hidden_magnitude_is_l2_over_every_slice(models, name):
+    model, processor = models(name)
+    scores = compute_importance(model, processor, "width-magnitude", None).scores
+    square = lambda p: p.detach() ** 2  # noqa: E731
+    assert scores["hidden"][11].item() == pytest.approx(hidden_by_hand(model, 11, square).sqrt().item(), rel=1e-5)
+    assert scores["projector"][4].item() == pytest.approx(projector_by_hand(model, 4, square).sqrt().item(), rel=1e-5)
 
 
 def test_activation_scores_are_forward_only_and_nonnegative(models, calib):
     model, processor = models("tiny-qwen2")
     importance = compute_importance(model, processor, "width-activation", calib)
-    assert importance.scores["attn"].shape == (4, 4) and importance.scores["mlp"].shape == (4, 256)
-    assert (importance.scores["attn"] > 0).all() and (importance.scores["mlp"] >= 0).all()
+    scores = importance.scores
+    assert scores["attn"].shape == (4, 4) and scores["mlp"].shape == (4, 256)
+    assert scores["hidden"].shape == (96,) and scores["projector"].shape == (96,)
+    assert (scores["attn"] > 0).all() and (scores["mlp"] >= 0).all()
+    assert (scores["hidden"] > 0).all() and (scores["projector"] >= 0).all()
     assert all(p.grad is None for p in model.parameters())
+    # a hidden channel whose norm outputs are all zero scores zero (the score reads the norm outputs)
+    silent = copy.deepcopy(model)
+    with torch.no_grad():
+        for norm in _norms(silent):
+            norm.weight[3] = 0
+    assert compute_importance(silent, processor, "width-activation", calib).scores["hidden"][3] == 0
 
 
-@pytest.mark.parametrize("case", ["layers", "non-uniform"])
+@pytest.mark.parametrize("case", ["layers", "non-uniform", "hidden", "hidden-phi"])
 def test_greedy_generation_with_cache_equals_without(models, calib, case):
-    model, processor = models("tiny-llava")
+    model, processor = models("tiny-bunny" if case == "hidden-phi" else "tiny-llava")
     if case == "layers":
         pruned = remove_layers(model, [0, 2])
+    elif case.startswith("hidden"):
+        importance = compute_importance(model, processor, "width-magnitude", None)
+        pruned, _ = apply_pruning(model, importance, 0.3, prune_hidden=True)
     else:
         importance = compute_importance(model, processor, "width-magnitude", None)
         pruned, _ = apply_pruning(model, importance, 0.3, per_layer_ratio=True, attn_layers="1:3", mlp_layers="2:4")

@@ -16,7 +16,15 @@ from harness.models import load
 from harness.models.adapter import LMAdapter
 from harness.models.embedded import build_embedded
 from harness.models.flops import count_params, lm_macs_per_token
-from harness.pruning import add_prune_parser, calibration_set, prune
+from harness.pruning import (
+    Importance,
+    add_prune_parser,
+    apply_pruning,
+    cached_importance,
+    calibration_set,
+    prune,
+    save_importance,
+)
 
 FAMILIES = ["tiny-llava", "tiny-bunny", "tiny-llava-gqa", "tiny-qwen2"]
 REQUIRED = {"method", "ratio_requested", "ratio_achieved", "lm_params_before", "lm_params_after",
@@ -100,6 +108,44 @@ def test_uniform_width_loads_with_plain_transformers(checkpoints, world, root, b
     assert (logits(plain, batch) - logits(reference, batch)).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize(("name", "method"), [("tiny-llava", "width-taylor"), ("tiny-bunny", "width-magnitude")])
+def test_hidden_pruned_loads_with_plain_transformers(checkpoints, world, root, batch, name, method):
+    info = _prune(checkpoints, world, root, name, method, 0.3, f"{name}-h", prune_hidden=True)
+    out = root / f"{name}-h"
+    record = json.loads((out / "pruning.json").read_text())
+    assert record["prune_hidden"] and record["hidden_size_before"] == 96
+    assert record["hidden_size"] == len(record["kept_hidden"]) == len(record["kept_projector"]) < 96
+    assert abs(record["ratio_achieved"] - 0.3) <= 0.01
+    text = json.loads((out / "config.json").read_text())["text_config"]
+    assert text["hidden_size"] == info["hidden_size"]
+    if name == "tiny-llava":
+        assert text["model_type"] == "mistral" and text["head_dim"] == 12
+    plain = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    assert plain.model.multi_modal_projector.linear_2.weight.shape == (info["hidden_size"],) * 2
+    assert torch.equal(logits(plain, batch), logits(load(out)[0], batch))
+    # the saved model is the one pruned in memory from the same (cached) scores
+    source, processor = load(checkpoints[name])
+    calib = calibration_set(world, 4) if method == "width-taylor" else None
+    importance = cached_importance(source, processor, method, calib, root / "importance")
+    in_memory, again = apply_pruning(source, importance, 0.3, prune_hidden=True)
+    assert again["kept_hidden"] == info["kept_hidden"]
+    assert torch.equal(logits(plain, batch), logits(in_memory.eval(), batch))
+    removed_lm = info["lm_params_before"] - info["lm_params_after"]
+    assert info["total_params_before"] - info["total_params_after"] > removed_lm  # the projector shrank too
+
+
+def test_scores_stored_without_hidden_channels_are_recomputed(checkpoints, root):
+    model, processor = load(checkpoints["tiny-qwen2"])
+    importance_dir = root / "old-importance"
+    fresh = cached_importance(model, processor, "width-magnitude", None, importance_dir)
+    (folder,) = importance_dir.iterdir()
+    key = folder.name.removeprefix("width-magnitude-")
+    old = Importance(fresh.method, {k: fresh.scores[k] for k in ("attn", "mlp")}, [], fresh.model_fingerprint)
+    save_importance(old, importance_dir, key)  # as written before hidden channels were scored
+    again = cached_importance(model, processor, "width-magnitude", None, importance_dir)
+    assert torch.equal(again.scores["hidden"], fresh.scores["hidden"])
+
+
 def test_layer_pruned_loads_with_plain_transformers(checkpoints, world, root, batch):
     info = _prune(checkpoints, world, root, "tiny-llava", "layer-bi", 0.24, "tiny-llava-l1")
     assert len(info["removed_layers"]) == 1 and len(info["calibration_ids"]) == 4
@@ -145,7 +191,10 @@ def test_importance_reuse_runs_no_forward_pass(checkpoints, world, root, monkeyp
     for ratio in (0.3, 0.45):
         prune(str(checkpoints["tiny-llava-gqa"]), "width-taylor", ratio, root / f"reuse-{ratio}", data=world,
               calib_samples=4, importance_dir=importance_dir)
-    assert calls == [] and len(list(importance_dir.iterdir())) == 1
+    # hidden-channel scores are part of the same stored scores
+    info = prune(str(checkpoints["tiny-llava-gqa"]), "width-taylor", 0.3, root / "reuse-hidden", data=world,
+                 calib_samples=4, importance_dir=importance_dir, prune_hidden=True)
+    assert calls == [] and len(list(importance_dir.iterdir())) == 1 and info["hidden_size"] < 96
 
 
 def test_output_dir_reuse_is_idempotent_only_for_the_same_run(checkpoints, world, root):
@@ -154,6 +203,8 @@ def test_output_dir_reuse_is_idempotent_only_for_the_same_run(checkpoints, world
     assert first == again
     with pytest.raises(HarnessError, match="different model"):
         _prune(checkpoints, world, root, "tiny-llava", "width-magnitude", 0.45, "same")
+    with pytest.raises(HarnessError, match="different model"):
+        _prune(checkpoints, world, root, "tiny-llava", "width-magnitude", 0.3, "same", prune_hidden=True)
     assert json.loads((root / "same" / "pruning.json").read_text())["ratio_requested"] == 0.3
 
 

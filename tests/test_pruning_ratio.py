@@ -37,6 +37,30 @@ def test_width_ratio_lands_within_tolerance(full, name, ratio):
         assert abs(heads - channels) <= 1 / 8
 
 
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-bunny", "tiny-llava-gqa"])
+def test_hidden_ratio_lands_within_tolerance(full, name):
+    model, processor = full[name]
+    importance = compute_importance(model, processor, "width-magnitude", None)
+    for ratio in (0.15, 0.3, 0.45, 0.6):
+        pruned, info = apply_pruning(model, importance, ratio, prune_hidden=True)
+        assert abs(info["ratio_achieved"] - ratio) <= 0.01
+        after = LMAdapter(pruned).lm_parameters()
+        assert (info["lm_params_after"], pruned.config.text_config.hidden_size) == (after, info["hidden_size"])
+        hidden, channels = 1 - info["hidden_size"] / 96, info["channels_removed_per_layer"] / 256
+        assert abs(hidden - channels) <= 0.05  # the same fraction of hidden and MLP channels
+        assert info["kept_hidden"] == sorted(info["kept_hidden"]) and len(info["kept_hidden"]) == info["hidden_size"]
+
+
+def test_round_to_applies_to_the_hidden_width(full):
+    shape = lm_shape(full["tiny-llava"][0])
+    everywhere = tuple(range(12))
+    counts = plan_width(shape, 0.3, everywhere, everywhere, round_to=16, prune_hidden=True)
+    assert (96 - counts.hidden_removed) % 16 == 0 and counts.hidden_removed > 0
+    assert (256 - counts.channels_removed) % 16 == 0 and abs(counts.ratio - 0.3) <= 0.01
+    per_layer = plan_width(shape, 0.3, everywhere, everywhere, per_layer_ratio=True, round_to=16, prune_hidden=True)
+    assert per_layer.hidden_removed == 32  # 30 % of 96 leaves 67.2: the nearest multiple of 16 is 64
+
+
 def test_layer_count_is_the_closest(full):
     shape = lm_shape(full["tiny-llava"][0])
     share = sum(shape.layer_params) / shape.num_layers / shape.lm_params
@@ -111,8 +135,15 @@ def test_width_options_rejected_for_layer_methods(tmp_path, small):
     _assert_refused(tmp_path, *small, "width methods only", method="layer-bi", ratio=0.24, attn_layers="1:3")
 
 
-def test_prune_hidden_not_supported(tmp_path, small):
-    _assert_refused(tmp_path, *small, "not supported yet", prune_hidden=True)
+def test_prune_hidden_needs_a_width_method(tmp_path, small):
+    _assert_refused(tmp_path, *small, "prune_hidden .*apply to width methods only", method="layer-bi", ratio=0.24,
+                    prune_hidden=True)
+
+
+def test_ratio_removing_every_hidden_channel(tmp_path, small):
+    # kept widths must be multiples of 64: below 64 of the 96 hidden channels only 0 is left
+    _assert_refused(tmp_path, *small, "or every hidden channel: at most 0.843", ratio=0.9, prune_hidden=True,
+                    round_to=64)
 
 
 def test_unsupported_family(tmp_path, monkeypatch):

@@ -131,9 +131,11 @@ def _prune_settings(spec, method: str, image_tokens: int, problems: list, teache
     unknown = sorted(set(merged) - known)
     if unknown:
         problems.append(f"{method}: prune has no setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    width_keys = {"per_layer_ratio": False, "attn_layers": None, "mlp_layers": None, "round_to": 1}
+    width_keys = {"per_layer_ratio": False, "attn_layers": None, "mlp_layers": None, "round_to": 1,
+                  "prune_hidden": False}
     if method in LAYER_METHODS and any(merged.get(k, v) != v for k, v in width_keys.items()):
-        problems.append(f"{method}: per_layer_ratio, attn_layers, mlp_layers and round_to apply to width methods only")
+        problems.append(f"{method}: per_layer_ratio, attn_layers, mlp_layers, round_to and prune_hidden apply to "
+                        f"width methods only")
     settings = {"calib_samples": DEFAULT_CALIB_SAMPLES[method], "batch_size": 1, "max_length": 512, **merged}
     if needs_calibration(method) and image_tokens and settings["max_length"] <= image_tokens:
         problems.append(f"{teacher} {method}: max_length {settings['max_length']} counts the {image_tokens} image "
@@ -188,7 +190,8 @@ def _width_student(model, shape, ratio, settings):
     attn = parse_layers(settings.get("attn_layers"), shape.num_layers, "attn_layers")
     mlp = parse_layers(settings.get("mlp_layers"), shape.num_layers, "mlp_layers")
     per_layer = bool(settings.get("per_layer_ratio", False))
-    counts = plan_width(shape, ratio, attn, mlp, per_layer, int(settings.get("round_to", 1)))
+    counts = plan_width(shape, ratio, attn, mlp, per_layer, int(settings.get("round_to", 1)),
+                        bool(settings.get("prune_hidden", False)))
     adapter = LMAdapter(model)
     groups, channels = shape.groups[0], shape.channels[0]
     per_group = adapter.num_heads // adapter.num_kv_heads
@@ -197,14 +200,18 @@ def _width_student(model, shape, ratio, settings):
         g = groups - (counts.groups_removed if i in counts.attn_layers else 0)
         c = channels - (counts.channels_removed if i in counts.mlp_layers else 0)
         kept.append({"heads": list(range(g * per_group)), "kv_heads": list(range(g)), "mlp": list(range(c))})
-    student = slice_widths(model, kept)
+    hidden = shape.hidden - counts.hidden_removed
+    kept_hidden = list(range(hidden)) if settings.get("prune_hidden") else None
+    student = slice_widths(model, kept, kept_hidden, kept_hidden)  # the projector's inner width follows the hidden size
     g_kept, c_kept = groups - counts.groups_removed, channels - counts.channels_removed
     mode = "per-layer fraction" if per_layer else "share of LM parameters"
     lines = [f"    ratio = {mode}; per layer: heads {g_kept * per_group}/{groups * per_group} "
              f"(KV heads {g_kept}/{groups}, {counts.groups_removed / groups:.1%} removed) in layers "
              f"{_ranges(counts.attn_layers)}; MLP channels {c_kept}/{channels} "
              f"({counts.channels_removed / channels:.1%} removed) in layers {_ranges(counts.mlp_layers)}; "
-             f"other layers unchanged (which heads/channels: highest Taylor scores kept, at run time)"]
+             f"other layers unchanged; hidden size {hidden}/{shape.hidden} "
+             f"({counts.hidden_removed / shape.hidden:.1%} removed) (which heads/channels: highest scores kept, "
+             f"at run time)"]
     return student, lines
 
 

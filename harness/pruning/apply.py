@@ -1,4 +1,4 @@
-"""Structural surgery: remove decoder layers, slice attention head groups and MLP channels.
+"""Structural surgery: remove decoder layers, slice attention head groups, MLP channels and hidden channels.
 
 Every pruned model is built fresh from its final config and filled from a sliced state
 dict, never edited in place. That way the in-memory result is exactly what a reload
@@ -10,6 +10,8 @@ model is shared or mutated.
 from __future__ import annotations
 
 import copy
+import math
+from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
@@ -18,7 +20,8 @@ from torch import nn
 from harness.errors import HarnessError
 from harness.models.adapter import LMAdapter
 from harness.models.flops import DEFAULT_CONTEXT, count_params, lm_macs_per_token
-from harness.pruning.importance import Importance
+from harness.pruning.hidden import hidden_slices, hidden_width, projector_linears, projector_slices
+from harness.pruning.importance import SCORE_KEYS, Importance
 from harness.pruning.plan import WidthCounts, lm_shape, parse_layers, plan_layers, plan_width
 
 # Text-config key holding per-layer widths when they differ between layers:
@@ -40,11 +43,14 @@ def remove_layers(model: nn.Module, removed: Sequence[int]) -> nn.Module:
     return _rebuild(model, kept_layers, None)
 
 
-def slice_widths(model: nn.Module, kept: Sequence[dict]) -> nn.Module:
+def slice_widths(model: nn.Module, kept: Sequence[dict], kept_hidden: Sequence[int] | None = None,
+                 kept_projector: Sequence[int] | None = None) -> nn.Module:
     """A new model keeping, per layer, the listed query heads, KV heads and MLP channels.
 
     `kept[i]` is `{"heads": [...], "kv_heads": [...], "mlp": [...]}` in the layer's current
     indices; under GQA the query heads must be exactly those of the kept KV heads.
+    `kept_hidden` keeps those hidden channels everywhere (`_hidden_cuts`); then
+    `kept_projector` lists as many of the projector's inner channels to keep.
     """
     adapter = LMAdapter(model)
     if len(kept) != len(adapter.layers):
@@ -53,7 +59,21 @@ def slice_widths(model: nn.Module, kept: Sequence[dict]) -> nn.Module:
         raise HarnessError("width pruning of Phi models with qk_layernorm is not supported")
     for i, (layer, keep) in enumerate(zip(adapter.layers, kept, strict=True)):
         _check_keep(adapter, layer, keep, i)
-    return _rebuild(model, list(range(len(adapter.layers))), list(kept))
+    hidden = None
+    if kept_hidden is not None or kept_projector is not None:
+        width = hidden_width(adapter)
+        hidden = (_channels(kept_hidden, width, "kept_hidden"), _channels(kept_projector, width, "kept_projector"))
+        if len(hidden[0]) != len(hidden[1]):
+            raise HarnessError("the projector's inner width is the hidden size: keep as many projector channels "
+                               f"as hidden channels ({len(hidden[0])}), not {len(hidden[1])}")
+    return _rebuild(model, list(range(len(adapter.layers))), list(kept), hidden)
+
+
+def _channels(kept: Sequence[int] | None, width: int, what: str) -> list[int]:
+    kept = sorted(set(int(i) for i in kept or []))
+    if not kept or kept[0] < 0 or kept[-1] >= width:
+        raise HarnessError(f"{what} must list at least one channel index in [0, {width})")
+    return kept
 
 
 def _check_keep(adapter: LMAdapter, layer: nn.Module, keep: dict, index: int) -> None:
@@ -66,13 +86,14 @@ def _check_keep(adapter: LMAdapter, layer: nn.Module, keep: dict, index: int) ->
         raise HarnessError(f"layer {index}: kept query heads must be exactly those of the kept KV heads")
 
 
-def _rebuild(model: nn.Module, kept_layers: list[int], kept: list[dict] | None) -> nn.Module:
+def _rebuild(model: nn.Module, kept_layers: list[int], kept: list[dict] | None,
+             hidden: tuple[list[int], list[int]] | None = None) -> nn.Module:
     from transformers import LlavaConfig
 
     adapter = LMAdapter(model)
     config = model.config.to_dict()
-    config["text_config"] = _text_config(adapter, config["text_config"], kept_layers, kept)
-    state = _sliced_state(model, adapter, kept_layers, kept)
+    config["text_config"] = _text_config(adapter, config["text_config"], kept_layers, kept, hidden)
+    state = _sliced_state(model, adapter, kept_layers, kept, _hidden_cuts(model, adapter, hidden))
     param = next(model.parameters())
     pruned = build_model(LlavaConfig.from_dict(config), param.dtype, param.device)
     pruned.load_state_dict(state, strict=True)
@@ -89,6 +110,7 @@ def build_model(config, dtype: torch.dtype, device: torch.device | str = "cpu") 
     with torch.device(device), no_init_weights():
         model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
     resize_to_widths(model)
+    model.tie_weights()  # skipped under no_init_weights: a tied LM head must stay the embedding matrix
     return model
 
 
@@ -120,9 +142,16 @@ def _resize(parent: nn.Module, name: str, rows: int | None = None, cols: int | N
     setattr(parent, name, new)
 
 
-def _text_config(adapter: LMAdapter, text: dict, kept_layers: list[int], kept: list[dict] | None) -> dict:
-    """The pruned text config: layer count, per-layer lists, and widths (uniform fields or a per-layer list)."""
+def _text_config(adapter: LMAdapter, text: dict, kept_layers: list[int], kept: list[dict] | None,
+                 hidden: tuple[list[int], list[int]] | None = None) -> dict:
+    """The pruned text config: layer count, per-layer lists, and widths (uniform fields or a per-layer list).
+
+    A smaller hidden size scales every norm epsilon (`*norm_eps`) by d_old / d_new (`_hidden_cuts`).
+    """
     text = dict(text)
+    if hidden is not None:
+        old, new = hidden_width(adapter), len(hidden[0])
+        text.update({k: v * old / new for k, v in text.items() if k.endswith("norm_eps")}, hidden_size=new)
     for key in PER_LAYER_KEYS:
         if isinstance(text.get(key), list):
             text[key] = [text[key][i] for i in kept_layers]
@@ -163,13 +192,48 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
     return next(name for name, m in model.named_modules() if m is module)
 
 
-def _sliced_state(model: nn.Module, adapter: LMAdapter, kept_layers: list[int],
-                  kept: list[dict] | None) -> dict[str, torch.Tensor]:
+def _hidden_cuts(model: nn.Module, adapter: LMAdapter,
+                 hidden: tuple[list[int], list[int]] | None) -> dict[str, list[tuple[int, torch.Tensor, float]]]:
+    """Per parameter name, the (dim, kept indices, factor) cuts that remove hidden and projector channels.
+
+    Norm statistics: RMSNorm and LayerNorm average over the hidden channels, so removing
+    channels changes what they compute. The pruned model keeps what the original computes
+    with the removed channels dead (zero in the residual stream): its mean of squares still
+    divides by d_old, which the pruned model reproduces exactly by scaling the kept norm
+    gains by sqrt(d_old / d_new) and the norm epsilon by d_old / d_new (`_text_config`).
+    Re-normalising over the survivors instead would shrink every norm output by about
+    sqrt(d_new / d_old) (0.84 with 30 % of the channels gone), for recovery to undo. LayerNorm
+    also subtracts the mean: the pruned model equals the dead-channel original whose stream
+    is centred over the kept channels, a change the pruned model cannot see (its LayerNorms
+    remove any offset shared by the kept channels); tests/test_pruning.py builds that reference.
+    """
+    if hidden is None:
+        return {}
+    kept_hidden, kept_projector = (torch.as_tensor(k, dtype=torch.long) for k in hidden)
+    gain = math.sqrt(hidden_width(adapter) / len(kept_hidden))
+    by_param = defaultdict(list)
+    for slices, index in ((hidden_slices(adapter), kept_hidden), (projector_slices(adapter), kept_projector)):
+        for s in slices:
+            by_param[id(s.param)].append((s.dim, index, gain if s.norm_weight else 1.0))
+    return {name: by_param[id(p)] for name, p in model.named_parameters(remove_duplicate=False) if id(p) in by_param}
+
+
+def _cut(tensor: torch.Tensor, cuts: list[tuple[int, torch.Tensor, float]]) -> torch.Tensor:
+    for dim, index, factor in cuts:
+        tensor = tensor.index_select(dim, index.to(tensor.device))
+        if factor != 1.0:
+            tensor = tensor * factor
+    return tensor
+
+
+def _sliced_state(model: nn.Module, adapter: LMAdapter, kept_layers: list[int], kept: list[dict] | None,
+                  cuts: dict[str, list] | None = None) -> dict[str, torch.Tensor]:
     """The original state dict with removed layers dropped, the rest renumbered and sliced."""
     prefix = _module_name(model, adapter.layers) + "."
     new_index = {old: new for new, old in enumerate(kept_layers)}
     state = {}
     for key, tensor in model.state_dict().items():
+        tensor = _cut(tensor, (cuts or {}).get(key, []))
         if not key.startswith(prefix):
             state[key] = tensor
             continue
@@ -242,15 +306,16 @@ def _top(scores: torch.Tensor, removed: int) -> list[int]:
 
 def apply_pruning(model: nn.Module, importance: Importance, ratio: float, *, per_layer_ratio: bool = False,
                   attn_layers: str | Sequence[int] | None = None, mlp_layers: str | Sequence[int] | None = None,
-                  round_to: int = 1, context: int = DEFAULT_CONTEXT) -> tuple[nn.Module, dict]:
+                  round_to: int = 1, prune_hidden: bool = False,
+                  context: int = DEFAULT_CONTEXT) -> tuple[nn.Module, dict]:
     """Prune `model` to `ratio` using precomputed scores: no forward or backward pass runs here.
 
     Returns the new model and the `pruning.json` record (ratios, sizes, MACs, scores, what was kept).
     """
     shape = lm_shape(model)
-    _check_scores(importance, shape)
+    _check_scores(importance, model, shape)
     settings = {"per_layer_ratio": per_layer_ratio, "attn_layers": attn_layers, "mlp_layers": mlp_layers,
-                "round_to": round_to}
+                "round_to": round_to, "prune_hidden": prune_hidden}
     by = _prune_layers if importance.kind == "layer" else _prune_width
     pruned, outcome = by(model, importance, ratio, shape, settings)
     info = describe(model, pruned, importance, ratio, context)
@@ -260,8 +325,10 @@ def apply_pruning(model: nn.Module, importance: Importance, ratio: float, *, per
 
 def check_layer_settings(settings: dict) -> None:
     """Layer methods remove whole layers: width options would be silently meaningless, so refuse them."""
-    if settings != {"per_layer_ratio": False, "attn_layers": None, "mlp_layers": None, "round_to": 1}:
-        raise HarnessError("per_layer_ratio, attn_layers, mlp_layers and round_to apply to width methods only")
+    defaults = {"per_layer_ratio": False, "attn_layers": None, "mlp_layers": None, "round_to": 1, "prune_hidden": False}
+    if any(settings.get(k, v) != v for k, v in defaults.items()):
+        raise HarnessError("per_layer_ratio, attn_layers, mlp_layers, round_to and prune_hidden (--prune-hidden) "
+                           "apply to width methods only")
 
 
 def _prune_layers(model, importance: Importance, ratio: float, shape, settings: dict) -> tuple[nn.Module, dict]:
@@ -273,20 +340,34 @@ def _prune_layers(model, importance: Importance, ratio: float, shape, settings: 
 def _prune_width(model, importance: Importance, ratio: float, shape, settings: dict) -> tuple[nn.Module, dict]:
     attn = parse_layers(settings["attn_layers"], shape.num_layers, "attn_layers")
     mlp = parse_layers(settings["mlp_layers"], shape.num_layers, "mlp_layers")
-    counts = plan_width(shape, ratio, attn, mlp, settings["per_layer_ratio"], settings["round_to"])
+    counts = plan_width(shape, ratio, attn, mlp, settings["per_layer_ratio"], settings["round_to"],
+                        settings["prune_hidden"])
     adapter = LMAdapter(model)
     (q, k, _), _ = adapter.attn_linears(adapter.layers[0])
     kept = select_width(importance, counts, q.out_features // k.out_features)
-    return slice_widths(model, kept), {
+    kept_hidden = kept_projector = None
+    if settings["prune_hidden"]:
+        if not set(SCORE_KEYS["width"]) <= set(importance.scores):
+            raise HarnessError("these importance scores have no hidden-channel scores (computed by an older version); "
+                               "recompute them")
+        kept_hidden = _top(importance.scores["hidden"], counts.hidden_removed)
+        kept_projector = _top(importance.scores["projector"], counts.hidden_removed)
+    pruned = slice_widths(model, kept, kept_hidden, kept_projector)
+    return pruned, {
         "removed_layers": [], "kept": kept, "attn_layers": list(attn), "mlp_layers": list(mlp),
         "groups_removed_per_layer": counts.groups_removed, "channels_removed_per_layer": counts.channels_removed,
+        "hidden_size_before": shape.hidden, "hidden_size": hidden_width(LMAdapter(pruned)),
+        "kept_hidden": kept_hidden, "kept_projector": kept_projector,
     }
 
 
-def _check_scores(importance: Importance, shape) -> None:
+def _check_scores(importance: Importance, model: nn.Module, shape) -> None:
     """Scores must describe this model's shape (a cheap guard against mixing up models)."""
     expected = {"layer": (shape.num_layers,), "block_distance": (shape.num_layers, shape.num_layers),
-                "attn": (shape.num_layers, shape.groups[0]), "mlp": (shape.num_layers, shape.channels[0])}
+                "attn": (shape.num_layers, shape.groups[0]), "mlp": (shape.num_layers, shape.channels[0]),
+                "hidden": (shape.hidden,)}
+    if "projector" in importance.scores:
+        expected["projector"] = (projector_linears(LMAdapter(model))[1].in_features,)
     for key, tensor in importance.scores.items():
         if tuple(tensor.shape) != expected[key]:
             raise HarnessError(f"importance scores {key!r} have shape {tuple(tensor.shape)}, "

@@ -20,7 +20,9 @@ from harness.pruning.apply import resize_to_widths
 
 # What makes two pruning runs "the same": an output dir holding a run with these values may be overwritten.
 IDENTITY_KEYS = ("source_fingerprint", "method", "ratio_requested", "per_layer_ratio", "attn_layers",
-                 "mlp_layers", "round_to")
+                 "mlp_layers", "round_to", "prune_hidden")
+# Identity keys added after checkpoints were written: a record without them had the default.
+_IDENTITY_DEFAULTS = {"prune_hidden": False}
 
 
 def check_output_dir(out: str | Path, identity: dict) -> None:
@@ -32,7 +34,8 @@ def check_output_dir(out: str | Path, identity: dict) -> None:
         raise HarnessError(f"output path {out} exists and is not a directory")
     if not any(out.iterdir()):
         return
-    if all(_recorded(out).get(k) == identity.get(k) for k in IDENTITY_KEYS):
+    recorded = {**_IDENTITY_DEFAULTS, **_recorded(out)}
+    if all(recorded.get(k) == identity.get(k) for k in IDENTITY_KEYS):
         return
     raise HarnessError(f"output directory {out} already holds a different model; choose another --out or delete it")
 

@@ -13,10 +13,13 @@ pass (image tokens included, padding excluded):
 - `layer-angular`: mean over tokens of arccos(cos(h_l, h_{l+n}))/pi for every block of
   n contiguous layers (Gromov et al.), stored for every n so any ratio can be served.
 - `layer-loss`: increase of the calibration loss when one layer is skipped.
-Width methods score KV groups (a KV head with its query heads) and MLP channels:
-- `width-taylor`: LLM-Pruner's first-order |W * dL/dW| summed over each group's weights.
-- `width-activation`: Minitron's activation norms, from forward hooks only.
-- `width-magnitude`: L2 norm of each group's weights; needs no calibration data.
+Width methods score KV groups (a KV head with its query heads), MLP channels, hidden
+channels and the projector's inner channels (`harness.pruning.hidden` says which weights
+belong to a hidden channel; the scores are always computed, `--prune-hidden` decides use):
+- `width-taylor`: LLM-Pruner's first-order |W * dL/dW| summed over each unit's weights.
+- `width-activation`: Minitron's activation norms, from forward hooks only; a hidden
+  channel scores its norm outputs (every layer's norms and the final one, summed).
+- `width-magnitude`: L2 norm of each unit's weights; needs no calibration data.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from harness.data.instruct import IGNORE_INDEX, Collator, load_mix
 from harness.errors import HarnessError
 from harness.io import atomic_dir, read_json, write_json
 from harness.models.adapter import LMAdapter
+from harness.pruning.hidden import ChannelSlice, hidden_slices, norm_modules, projector_linears, projector_slices
 
 LAYER_METHODS = ("layer-bi", "layer-angular", "layer-loss")
 WIDTH_METHODS = ("width-taylor", "width-activation", "width-magnitude")
@@ -46,6 +50,7 @@ METHODS = LAYER_METHODS + WIDTH_METHODS
 DEFAULT_CALIB_SAMPLES = {"layer-bi": 50, "layer-angular": 50, "layer-loss": 50,
                          "width-taylor": 10, "width-activation": 10, "width-magnitude": 0}
 DEFAULT_SEED = 42
+SCORE_KEYS = {"width": ("attn", "mlp", "hidden", "projector"), "layer": ()}
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "architectures", "dtype", "name_or_path", "use_cache",
                          "output_hidden_states", "output_attentions", "return_dict"}
 
@@ -116,7 +121,8 @@ def calibration_set(data: str | Path, n: int, seed: int = DEFAULT_SEED, batch_si
 @dataclass
 class Importance:
     """Scores of one method for one model: `layer` [L], `block_distance` [L, L] (row n-1: blocks of n
-    layers by start; +inf where no block fits), or `attn` [L, KV groups] and `mlp` [L, channels]."""
+    layers by start; +inf where no block fits), or `attn` [L, KV groups], `mlp` [L, channels],
+    `hidden` [hidden channels] and `projector` [projector inner channels]."""
 
     method: str
     scores: dict[str, torch.Tensor]
@@ -194,8 +200,8 @@ def cached_importance(model: nn.Module, processor, method: str, calib: Calibrati
     fingerprint = fingerprint or model_fingerprint(model)
     key = importance_key(fingerprint, method, calib)
     stored = load_importance(importance_dir, method, key)
-    if stored is not None:
-        return stored
+    if stored is not None and set(SCORE_KEYS[stored.kind]) <= set(stored.scores):
+        return stored  # (width scores stored before hidden channels were scored lack some: recomputed)
     importance = compute_importance(model, processor, method, calib, fingerprint=fingerprint)
     save_importance(importance, importance_dir, key)
     return importance
@@ -322,13 +328,15 @@ def _layer_loss(model, adapter, batches) -> dict[str, torch.Tensor]:
     return {"layer": torch.tensor(scores)}
 
 
-def _decoder_linear_params(adapter: LMAdapter) -> list[nn.Parameter]:
-    params = []
+def _scored_params(adapter: LMAdapter) -> list[nn.Parameter]:
+    """Every parameter a width score reads: the decoder linears and each hidden or projector channel's slices."""
+    params = {}
     for layer in adapter.layers:
         (attn_in, attn_out), (mlp_in, mlp_out) = adapter.attn_linears(layer), adapter.mlp_linears(layer)
         for lin in [*attn_in, attn_out, *mlp_in, mlp_out]:
-            params += list(lin.parameters())
-    return params
+            params.update((id(p), p) for p in lin.parameters())
+    params.update((id(s.param), s.param) for s in hidden_slices(adapter) + projector_slices(adapter))
+    return list(params.values())
 
 
 def _taylor(model, adapter, batches) -> dict[str, torch.Tensor]:
@@ -338,7 +346,7 @@ def _taylor(model, adapter, batches) -> dict[str, torch.Tensor]:
         raise HarnessError("calibration samples have no answer tokens to compute a loss on")
     flags = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)
-    params = _decoder_linear_params(adapter)
+    params = _scored_params(adapter)
     for p in params:
         p.requires_grad_(True)
         p.grad = None
@@ -347,7 +355,7 @@ def _taylor(model, adapter, batches) -> dict[str, torch.Tensor]:
             if _answer_tokens(batch):
                 loss = model(**_inputs(batch, True), use_cache=False).loss
                 (loss * _answer_tokens(batch) / total).backward()
-        return _group_scores(adapter, _weight_times_grad)
+        return _width_scores(adapter, _weight_times_grad)
     finally:
         for p in params:
             p.grad = None
@@ -362,8 +370,25 @@ def _weight_times_grad(p: nn.Parameter) -> torch.Tensor:
 
 
 def _magnitude(model, adapter, batches) -> dict[str, torch.Tensor]:
-    scores = _group_scores(adapter, lambda p: p.float() ** 2)
+    scores = _width_scores(adapter, lambda p: p.float() ** 2)
     return {k: v.sqrt() for k, v in scores.items()}
+
+
+def _width_scores(adapter: LMAdapter, element: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum an element-wise score over each unit's weights: groups, MLP channels, hidden and projector channels."""
+    return {**_group_scores(adapter, element), "hidden": _slice_sums(hidden_slices(adapter), element),
+            "projector": _slice_sums(projector_slices(adapter), element)}
+
+
+def _slice_sums(slices: list[ChannelSlice], element) -> torch.Tensor:
+    """Per channel, the element-wise score summed over every slice (over all dimensions but the channel's)."""
+    total = 0
+    with torch.no_grad():
+        for s in slices:
+            values = element(s.param).float()
+            others = [d for d in range(values.dim()) if d != s.dim]
+            total = total + (values.sum(dim=others) if others else values)  # (sum over dim=[] would sum all)
+    return total.cpu()
 
 
 def _group_scores(adapter: LMAdapter, element: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -387,14 +412,19 @@ def _row_sums(lin: nn.Linear, element) -> torch.Tensor:
 
 def _activation(model, adapter, batches) -> dict[str, torch.Tensor]:
     """Minitron: per sample, the mean over its tokens of each head's output norm / each channel's |activation|;
-    then the L2 norm over samples. A KV group scores the sum of its query heads."""
+    then the L2 norm over samples. A KV group scores the sum of its query heads; a hidden channel
+    the sum over the decoder's norms of its |norm output|; a projector channel its |activation|
+    entering the projector's last linear (there a sample is one image, its tokens the image's)."""
     layers = list(adapter.layers)
+    norms = norm_modules(adapter)
     sq_attn = [None] * len(layers)
     sq_mlp = [None] * len(layers)
+    sq_norm = [None] * len(norms)
+    sq_projector = [torch.zeros(projector_linears(adapter)[1].in_features, dtype=torch.float64)]
     mask = {}
 
-    def accumulate(store, i, per_token):  # per_token: [batch, tokens, units]
-        m = mask["valid"][..., None]
+    def accumulate(store, i, per_token, valid=None):  # per_token: [samples, tokens, units]
+        m = (mask["valid"] if valid is None else valid)[..., None]
         per_sample = (per_token * m).sum(1) / m.sum(1).clamp(min=1)
         squares = (per_sample.double() ** 2).sum(0).cpu()
         store[i] = squares if store[i] is None else store[i] + squares
@@ -410,7 +440,17 @@ def _activation(model, adapter, batches) -> dict[str, torch.Tensor]:
             accumulate(sq_mlp, i, args[0].float().abs())
         return hook
 
-    handles = []
+    def norm_hook(i):
+        def hook(module, args, output):
+            accumulate(sq_norm, i, output.float().abs())
+        return hook
+
+    def projector_hook(module, args):
+        x = args[0].float().abs().reshape(-1, *args[0].shape[-2:])  # [images, image tokens, channels]
+        accumulate(sq_projector, 0, x, valid=x.new_ones(x.shape[:2]))
+
+    handles = [projector_linears(adapter)[1].register_forward_pre_hook(projector_hook)]
+    handles += [norm.register_forward_hook(norm_hook(i)) for i, norm in enumerate(norms)]
     for i, layer in enumerate(layers):
         handles.append(adapter.attn_linears(layer)[1].register_forward_pre_hook(attn_hook(i)))
         handles.append(adapter.mlp_linears(layer)[1].register_forward_pre_hook(mlp_hook(i)))
@@ -420,7 +460,8 @@ def _activation(model, adapter, batches) -> dict[str, torch.Tensor]:
             model(**_inputs(batch), use_cache=False)
     groups = [adapter.attn_linears(layer)[0][1].out_features // adapter.head_dim for layer in layers]
     attn = [s.sqrt().view(g, -1).sum(1) for s, g in zip(sq_attn, groups, strict=True)]
-    return {"attn": torch.stack(attn).float(), "mlp": torch.stack(sq_mlp).sqrt().float()}
+    return {"attn": torch.stack(attn).float(), "mlp": torch.stack(sq_mlp).sqrt().float(),
+            "hidden": torch.stack(sq_norm).sqrt().sum(0).float(), "projector": sq_projector[0].sqrt().float()}
 
 
 _SCORERS = {

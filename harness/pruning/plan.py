@@ -1,9 +1,14 @@
-"""From a requested ratio to how many layers, head groups and MLP channels to remove.
+"""From a requested ratio to how many layers, head groups, MLP channels and hidden channels to remove.
 
 `ratio` is the share of language-model parameters removed (embeddings and LM head
 included), as the paper's tables count it. Plans depend only on the model's shape,
 never on importance scores, so an impossible request is refused before any forward
 pass runs or any file is written.
+
+Parameter counts are exact for any combination: every LM parameter belongs to a KV
+group or an MLP channel (`UnitCost`, a weight part that scales with the hidden width
+plus a bias part that does not) or is one of `hidden_params` per hidden channel
+(embeddings, LM head, norms, residual-writing biases).
 """
 
 from __future__ import annotations
@@ -21,6 +26,17 @@ TOLERANCE = 0.01  # how far the achieved ratio may land from the requested one
 
 
 @dataclass(frozen=True)
+class UnitCost:
+    """LM parameters removed with one unit (a KV group or an MLP channel) at hidden width h: `per_hidden * h + fixed`."""
+
+    per_hidden: int  # weight entries per hidden channel: its rows of the input projections, columns of the output one
+    fixed: int  # its biases in the input projections
+
+    def at(self, hidden: int) -> int:
+        return self.per_hidden * hidden + self.fixed
+
+
+@dataclass(frozen=True)
 class LMShape:
     """What planning needs to know about the language model.
 
@@ -33,8 +49,14 @@ class LMShape:
     layer_params: tuple[int, ...]
     groups: tuple[int, ...]  # KV groups per layer
     channels: tuple[int, ...]  # MLP intermediate channels per layer
-    group_params: int  # parameters removed with one group (q/k/v rows, o columns, biases)
-    channel_params: int  # parameters removed with one MLP channel (gate/up rows, down column)
+    group: UnitCost  # one group: q/k/v rows (and biases), o columns
+    channel: UnitCost  # one MLP channel: gate/up rows (and biases), down column
+    hidden: int  # hidden width
+    hidden_params: float  # LM parameters per hidden channel outside the units
+
+    def params(self, groups: int, channels: int, hidden: int) -> float:
+        """LM parameters with `groups` KV groups and `channels` MLP channels in all (summed over layers)."""
+        return groups * self.group.at(hidden) + channels * self.channel.at(hidden) + hidden * self.hidden_params
 
     @property
     def uniform(self) -> bool:
@@ -43,13 +65,14 @@ class LMShape:
 
 @dataclass(frozen=True)
 class WidthCounts:
-    """Groups and channels removed in each layer of the attention and MLP ranges."""
+    """Groups and channels removed in each layer of the attention and MLP ranges, and hidden channels removed."""
 
     groups_removed: int
     channels_removed: int
     attn_layers: tuple[int, ...]
     mlp_layers: tuple[int, ...]
     ratio: float  # predicted share of LM parameters removed
+    hidden_removed: int = 0
 
 
 def lm_shape(model: nn.Module) -> LMShape:
@@ -58,21 +81,29 @@ def lm_shape(model: nn.Module) -> LMShape:
     groups = tuple(adapter.attn_linears(layer)[0][1].out_features // adapter.head_dim for layer in layers)
     channels = tuple(adapter.mlp_linears(layer)[1].in_features for layer in layers)
     first = layers[0]
+    group = _unit_cost(*adapter.attn_linears(first), groups[0])
+    channel = _unit_cost(*adapter.mlp_linears(first), channels[0])
+    hidden = adapter.decoder.get_input_embeddings().embedding_dim
+    lm_params = adapter.lm_parameters()
+    in_units = sum(groups) * group.at(hidden) + sum(channels) * channel.at(hidden)
     return LMShape(
         num_layers=len(layers),
-        lm_params=adapter.lm_parameters(),
+        lm_params=lm_params,
         layer_params=tuple(sum(p.numel() for p in layer.parameters()) for layer in layers),
         groups=groups,
         channels=channels,
-        group_params=_params_per_unit(*adapter.attn_linears(first), groups[0]),
-        channel_params=_params_per_unit(*adapter.mlp_linears(first), channels[0]),
+        group=group,
+        channel=channel,
+        hidden=hidden,
+        hidden_params=(lm_params - in_units) / hidden,
     )
 
 
-def _params_per_unit(ins: list[nn.Linear], out: nn.Linear, units: int) -> int:
-    """Parameters tied to one unit: its rows of every input projection and its columns of the output one."""
-    rows = sum((lin.out_features // units) * (lin.in_features + (lin.bias is not None)) for lin in ins)
-    return rows + (out.in_features // units) * out.out_features
+def _unit_cost(ins: list[nn.Linear], out: nn.Linear, units: int) -> UnitCost:
+    """One unit's rows of every input projection (with their biases) and its columns of the output one."""
+    rows = [lin.out_features // units for lin in ins]
+    return UnitCost(per_hidden=sum(rows) + out.in_features // units,
+                    fixed=sum(r for r, lin in zip(rows, ins, strict=True) if lin.bias is not None))
 
 
 def check_ratio(ratio: float) -> None:
@@ -121,65 +152,97 @@ def plan_layers(shape: LMShape, ratio: float) -> int:
 
 
 def plan_width(shape: LMShape, ratio: float, attn_layers: tuple[int, ...], mlp_layers: tuple[int, ...],
-               per_layer_ratio: bool = False, round_to: int = 1) -> WidthCounts:
-    """Groups and channels to remove in every layer of the ranges.
+               per_layer_ratio: bool = False, round_to: int = 1, prune_hidden: bool = False) -> WidthCounts:
+    """Groups and channels to remove in every layer of the ranges, and hidden channels with `prune_hidden`.
 
-    Default mode: `ratio` is the share of LM parameters; the pair of per-layer counts with
-    (nearly) the same fraction of heads and of channels whose result is closest wins.
+    Default mode: `ratio` is the share of LM parameters; among the counts that land within
+    tolerance, the most balanced wins: the fractions of head groups, of MLP channels and
+    (with `prune_hidden`) of hidden channels removed are as equal as the granularity allows.
     Per-layer mode (LLM-Pruner's block-wise setting): `ratio` is the fraction of heads and
-    of channels removed in each layer of the ranges; the LM share is whatever follows.
+    of channels removed in each layer of the ranges, and of hidden channels; the LM share is
+    whatever follows. `round_to` keeps the MLP widths and the hidden width multiples of N.
     """
     check_ratio(ratio)
     if not shape.uniform:
         raise HarnessError("width pruning needs uniform layer widths; this model's widths were already pruned unevenly")
     if round_to < 1:
         raise HarnessError(f"round_to must be >= 1, got {round_to}")
-    groups, channels = shape.groups[0], shape.channels[0]
-    attn_unit = len(attn_layers) * shape.group_params / shape.lm_params
-    mlp_unit = len(mlp_layers) * shape.channel_params / shape.lm_params
+    groups, channels, hidden = shape.groups[0], shape.channels[0], shape.hidden
+    n_attn, n_mlp = len(attn_layers), len(mlp_layers)
     if per_layer_ratio:
-        g, c = round(ratio * groups), _nearest_channel_counts(ratio * channels, channels, round_to)[0]
+        g, c = round(ratio * groups), _nearest_counts(ratio * channels, channels, round_to)[0]
+        h = _nearest_counts(ratio * hidden, hidden, round_to)[0] if prune_hidden else 0
     else:
-        g, c = _search_counts(ratio, groups, channels, attn_unit, mlp_unit, round_to)
+        g, c, h = _search_counts(shape, ratio, n_attn, n_mlp, round_to, prune_hidden)
     if g >= groups and attn_layers:
         raise HarnessError(f"ratio {ratio} would remove every attention head of a layer ({groups} head groups)")
-    predicted = g * attn_unit + c * mlp_unit
+    predicted = _removed_share(shape, g * n_attn, c * n_mlp, h)
     if not per_layer_ratio and abs(predicted - ratio) > TOLERANCE:
-        most = (groups - 1) * attn_unit + _nearest_channel_counts(channels, channels, round_to)[0] * mlp_unit
+        most_hidden = _nearest_counts(hidden, hidden, round_to)[0] if prune_hidden else 0
+        most = _removed_share(shape, (groups - 1) * n_attn, _nearest_counts(channels, channels, round_to)[0] * n_mlp,
+                              most_hidden)
         if ratio > most:
-            raise HarnessError(f"ratio {ratio} would remove every head or channel of a layer: at most {most:.3f} "
-                               f"of LM parameters can be removed from these layer ranges")
+            what = "every head or channel of a layer" + (" or every hidden channel" if prune_hidden else "")
+            limits = "these layer ranges" + (f" and round_to {round_to}" if round_to > 1 else "")
+            raise HarnessError(f"ratio {ratio} would remove {what}: at most {most:.3f} "
+                               f"of LM parameters can be removed with {limits}")
+        attn_unit, mlp_unit = (n * cost.at(hidden) / shape.lm_params
+                               for n, cost in ((n_attn, shape.group), (n_mlp, shape.channel)))
         raise HarnessError(f"the closest achievable ratio is {predicted:.4f}, more than {TOLERANCE} from {ratio}: "
                            f"one head group removes {attn_unit:.4f} and one channel {mlp_unit:.5f} of LM parameters")
-    return WidthCounts(g, c, attn_layers if g else (), mlp_layers if c else (), predicted)
+    return WidthCounts(g, c, attn_layers if g else (), mlp_layers if c else (), predicted, h)
 
 
-def _search_counts(ratio: float, groups: int, channels: int, attn_unit: float, mlp_unit: float,
-                   round_to: int) -> tuple[int, int]:
-    """The (groups, channels) pair closest to removing the same fraction of both, among those within tolerance.
+def _removed_share(shape: LMShape, groups_removed: int, channels_removed: int, hidden_removed: int) -> float:
+    """Share of LM parameters removed with these totals (summed over layers) and hidden channels gone."""
+    kept = shape.params(sum(shape.groups) - groups_removed, sum(shape.channels) - channels_removed,
+                        shape.hidden - hidden_removed)
+    return 1 - kept / shape.lm_params
 
-    Head groups are coarse (8 or 2 per layer in small models), so two group counts bracket the
-    shared fraction and channels make up the difference; balance decides, then the error.
+
+def _search_counts(shape: LMShape, ratio: float, n_attn: int, n_mlp: int, round_to: int,
+                   prune_hidden: bool) -> tuple[int, int, int]:
+    """Removed (groups, channels, hidden channels) closest to removing the same fraction of each, within tolerance.
+
+    Every hidden width is tried (only the full one without `prune_hidden`); for each, the
+    shared fraction of groups and channels that reaches `ratio` follows. Head groups are
+    coarse (8 or 2 per layer in small models), so two group counts bracket that fraction and
+    channels make up the difference; balance decides, then the error.
     """
-    if attn_unit + mlp_unit == 0:
+    if n_attn + n_mlp == 0:
         raise HarnessError("no layers selected for pruning")
-    fraction = ratio / (attn_unit * groups + mlp_unit * channels)
-    group_options = {0}
-    if attn_unit:
-        group_options = {min(groups - 1, max(0, f(fraction * groups))) for f in (math.floor, math.ceil)}
+    groups, channels, hidden = shape.groups[0], shape.channels[0], shape.hidden
+    keep = (1 - ratio) * shape.lm_params
     candidates = []
-    for g in group_options:
-        wanted = (ratio - g * attn_unit) / mlp_unit if mlp_unit else 0
-        for c in _nearest_channel_counts(wanted, channels, round_to) if mlp_unit else [0]:
-            error = abs(g * attn_unit + c * mlp_unit - ratio)
-            candidates.append((error > TOLERANCE, abs(g / groups - c / channels), error, g, c))
-    *_, g, c = min(candidates)
-    return g, c
+    for h in _kept_widths(hidden, round_to) if prune_hidden else [hidden]:
+        group_cost, channel_cost = n_attn * shape.group.at(h), n_mlp * shape.channel.at(h)  # one per layer in range
+        excess = shape.params(sum(shape.groups), sum(shape.channels), h) - keep  # for groups and channels to remove
+        fraction = excess / (group_cost * groups + channel_cost * channels)
+        group_options = {0}
+        if group_cost:
+            group_options = {min(groups - 1, max(0, f(fraction * groups))) for f in (math.floor, math.ceil)}
+        for g in group_options:
+            wanted = (excess - g * group_cost) / channel_cost if channel_cost else 0
+            for c in _nearest_counts(wanted, channels, round_to) if channel_cost else [0]:
+                error = abs(_removed_share(shape, g * n_attn, c * n_mlp, hidden - h) - ratio)
+                fractions = [g / groups, c / channels] + ([1 - h / hidden] if prune_hidden else [])
+                candidates.append((error > TOLERANCE, max(fractions) - min(fractions), error, g, c, hidden - h))
+    *_, g, c, removed_hidden = min(candidates)
+    return g, c, removed_hidden
 
 
-def _nearest_channel_counts(wanted: float, channels: int, round_to: int) -> list[int]:
-    """Removed-channel counts around `wanted` whose kept width is a multiple of `round_to` (or untouched)."""
-    kept = channels - wanted
-    options = {0} | {channels - k * round_to for k in range(1, channels // round_to + 1)}
-    options = sorted(c for c in options if c < channels)
-    return sorted(options, key=lambda c: abs((channels - c) - kept))[:2]
+def _kept_widths(units: int, round_to: int) -> list[int]:
+    """Every width that may be kept: the full one, or a positive multiple of `round_to`."""
+    return sorted({units} | {k * round_to for k in range(1, units // round_to + 1)})
+
+
+def _nearest_counts(wanted: float, units: int, round_to: int) -> list[int]:
+    """The two removed counts nearest `wanted` whose kept width is a multiple of `round_to` (or untouched), never all.
+
+    Ties go to the larger kept width. Only the lattice points around the wanted width are
+    looked at, so this costs the same for 256 or 11008 channels.
+    """
+    kept = min(max(units - wanted, 0), units)
+    base = int(kept // round_to)
+    widths = {units} | {k * round_to for k in range(base - 2, base + 3) if 1 <= k <= units // round_to}
+    return [units - w for w in sorted(widths, key=lambda w: (abs(w - kept), -w))[:2]]

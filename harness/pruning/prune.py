@@ -38,13 +38,12 @@ def prune(model, method: str, ratio: float, out: str | Path, *, processor=None, 
     """Prune `model` (a `harness.models.load` spec, or a loaded model with its `processor`) and save it to `out`.
 
     Returns the `pruning.json` record. Scores come from `importance_dir` when this model,
-    method and calibration set were scored before.
+    method and calibration set were scored before. `prune_hidden` (width methods) also
+    removes hidden channels: embeddings, norms, every projection, the LM head and the projector.
     """
-    if prune_hidden:
-        raise HarnessError("pruning the hidden size is not supported yet")
     check_method(method)
     check_ratio(ratio)
-    settings = _settings(method, per_layer_ratio, attn_layers, mlp_layers, round_to)
+    settings = _settings(method, per_layer_ratio, attn_layers, mlp_layers, round_to, prune_hidden)
     model, processor = _load(model, processor)
     settings = _check_plan(model, method, ratio, settings)
     fingerprint = model_fingerprint(model)
@@ -59,9 +58,10 @@ def prune(model, method: str, ratio: float, out: str | Path, *, processor=None, 
     return info
 
 
-def _settings(method: str, per_layer_ratio: bool, attn_layers, mlp_layers, round_to: int) -> dict:
+def _settings(method: str, per_layer_ratio: bool, attn_layers, mlp_layers, round_to: int,
+              prune_hidden: bool) -> dict:
     settings = {"per_layer_ratio": per_layer_ratio, "attn_layers": attn_layers, "mlp_layers": mlp_layers,
-                "round_to": round_to}
+                "round_to": round_to, "prune_hidden": bool(prune_hidden)}
     if method in LAYER_METHODS:
         check_layer_settings(settings)
     if round_to < 1:
@@ -87,7 +87,8 @@ def _check_plan(model, method: str, ratio: float, settings: dict) -> dict:
         return settings
     attn = list(parse_layers(settings["attn_layers"], shape.num_layers, "attn_layers"))
     mlp = list(parse_layers(settings["mlp_layers"], shape.num_layers, "mlp_layers"))
-    plan_width(shape, ratio, tuple(attn), tuple(mlp), settings["per_layer_ratio"], settings["round_to"])
+    plan_width(shape, ratio, tuple(attn), tuple(mlp), settings["per_layer_ratio"], settings["round_to"],
+               settings["prune_hidden"])
     return {**settings, "attn_layers": attn, "mlp_layers": mlp}
 
 
@@ -110,10 +111,13 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
                    help="ratio is the fraction of heads and channels removed in each layer of the ranges")
     p.add_argument("--attn-layers", default=None, help="attention layers to prune, START:END (end exclusive)")
     p.add_argument("--mlp-layers", default=None, help="MLP layers to prune, START:END (end exclusive)")
-    p.add_argument("--round-to", type=int, default=1, help="keep MLP widths multiples of N")
+    p.add_argument("--round-to", type=int, default=1,
+                   help="keep MLP widths (and with --prune-hidden the hidden width) multiples of N")
     p.add_argument("--importance-dir", type=Path, default=DEFAULT_IMPORTANCE_DIR,
                    help="where importance scores are stored and reused")
-    p.add_argument("--prune-hidden", action="store_true", help="also prune the hidden size (not supported yet)")
+    p.add_argument("--prune-hidden", action="store_true",
+                   help="width methods: also prune the hidden size (embeddings, norms, every projection, LM head, "
+                        "projector), the same fraction as heads and channels")
     p.set_defaults(func=run_prune)
     return p
 
