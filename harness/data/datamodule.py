@@ -3,6 +3,12 @@
 The loader is resumable: it reports how many batches of the current epoch were
 consumed, Lightning stores that in its checkpoint, and after a restart the same
 seeded order continues from the next batch, so a killed run resumes exactly.
+
+`batch_size` is the global batch. Under DDP each of the N processes takes its own
+contiguous 1/N slice of every global batch of the same seeded order (the split is
+done here, so the Trainer runs with `use_distributed_sampler=False`): N processes
+see exactly the batches one process would, and rank r's micro-batch k is
+micro-batch r of global batch k, as under gradient accumulation.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from harness.data.instruct import Collator, fraction_indices, load_mix
+from harness.errors import HarnessError
 
 
 class _Records(Dataset):
@@ -30,8 +37,10 @@ class _Records(Dataset):
 class ResumableLoader(DataLoader):
     """A shuffling DataLoader whose order depends only on (seed, epoch) and which can skip ahead."""
 
-    def __init__(self, dataset, batch_size, collate_fn, seed: int, num_workers: int = 0):
+    def __init__(self, dataset, batch_size, collate_fn, seed: int, num_workers: int = 0, rank: int = 0,
+                 world_size: int = 1):
         self.seed, self.epoch, self.consumed, self._skip = seed, 0, 0, 0
+        self.rank, self.world_size = rank, world_size  # batch_size is per process
         super().__init__(dataset, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers,
                          sampler=_EpochSampler(self), drop_last=False)
 
@@ -55,12 +64,23 @@ class _EpochSampler(torch.utils.data.Sampler):
         self.loader = loader
 
     def __len__(self):
-        return len(self.loader.dataset)
+        return -(-len(self.loader.dataset) // self.loader.world_size)
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.loader.seed * 1000003 + self.loader.epoch)
-        order = torch.randperm(len(self.loader.dataset), generator=g).tolist()
-        return iter(order[self.loader._skip * self.loader.batch_size:])
+        loader = self.loader
+        g = torch.Generator().manual_seed(loader.seed * 1000003 + loader.epoch)
+        order = torch.randperm(len(loader.dataset), generator=g).tolist()
+        n = loader.world_size
+        if n > 1:  # this rank's slice of every global batch; the last one is padded from the start, as DistributedSampler does
+            order += (order * n)[: -len(order) % n]
+            step = loader.batch_size * n
+            mine = []
+            for start in range(0, len(order), step):
+                chunk = order[start:start + step]
+                share = len(chunk) // n
+                mine += chunk[loader.rank * share:(loader.rank + 1) * share]
+            order = mine
+        return iter(order[loader._skip * loader.batch_size:])
 
 
 class MixDataModule(pl.LightningDataModule):
@@ -83,5 +103,9 @@ class MixDataModule(pl.LightningDataModule):
         return -(-len(self.indices) // self.batch_size)
 
     def train_dataloader(self):
-        return ResumableLoader(_Records(self.ds, self.indices), self.batch_size, self.collator, self.seed,
-                               self.num_workers)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if self.batch_size % world:
+            raise HarnessError(f"batch size {self.batch_size} is the global batch: it must divide evenly over {world} processes")
+        return ResumableLoader(_Records(self.ds, self.indices), self.batch_size // world, self.collator, self.seed,
+                               self.num_workers, rank=rank, world_size=world)

@@ -18,8 +18,8 @@ from harness.models.adapter import LMAdapter
 from harness.recovery.recipes import Recipe
 
 
-def kl_loss(student_logits, teacher_logits, mask, temperature: float, direction: str, reduction: str):
-    """KL at temperature T, scaled by T^2, over the positions in `mask`."""
+def kl_loss(student_logits, teacher_logits, mask, temperature: float, direction: str, reduction: str, count=None):
+    """KL at temperature T, scaled by T^2, over the positions in `mask` (token_mean: divided by `count` if given)."""
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     if direction == "forward":  # KL(teacher || student)
@@ -30,14 +30,14 @@ def kl_loss(student_logits, teacher_logits, mask, temperature: float, direction:
     if reduction == "batch_sum":
         total = per_token.sum() / student_logits.shape[0]
     else:
-        total = per_token.sum() / mask.sum().clamp(min=1)
+        total = per_token.sum() / (mask.sum().clamp(min=1) if count is None else count)
     return total * temperature**2
 
 
-def hidden_mse(student_h, teacher_h, mask):
-    """Mean squared error over the valid (non-padding) positions."""
+def hidden_mse(student_h, teacher_h, mask, count=None):
+    """Mean squared error over the valid (non-padding) positions (divided by `count` if given)."""
     diff = (student_h.float() - teacher_h.float()).pow(2).mean(-1) * mask
-    return diff.sum() / mask.sum().clamp(min=1)
+    return diff.sum() / (mask.sum().clamp(min=1) if count is None else count)
 
 
 def resolve_hidden_pairs(pairs, removed_layers: list[int], n_teacher_layers: int) -> list[tuple[int, int]]:
@@ -117,10 +117,26 @@ class RecoveryModule(pl.LightningModule):
     def forward(self, batch):
         return self.student(**batch)
 
+    def _global_counts(self, batch) -> torch.Tensor | None:
+        """Under DDP: (label, attention) token counts summed over processes / world size; None on one process.
+
+        DDP averages the processes' gradients, so per-token means divided by these counts
+        (not by the local ones) give the mean over every token of the global batch: N
+        processes then train exactly like one process on the same global batch.
+        """
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return None
+        local = torch.stack([(batch["labels"][:, 1:] != -100).sum(), batch["attention_mask"].sum()]).float()
+        return trainer.strategy.reduce(local, reduce_op="sum").clamp(min=1) / trainer.world_size
+
     def compute_losses(self, batch) -> dict[str, torch.Tensor]:
         r = self.recipe
         need_hidden = r.hidden > 0
-        out = self.student(**batch, output_hidden_states=need_hidden)
+        counts = self._global_counts(batch)
+        # HF's CE is sum / num_items_in_batch when given (else the local token mean).
+        extra = {"num_items_in_batch": counts[0]} if counts is not None and r.ce > 0 else {}
+        out = self.student(**batch, output_hidden_states=need_hidden, **extra)
         losses: dict[str, torch.Tensor] = {}
         if r.ce > 0:
             losses["ce"] = out.loss
@@ -132,7 +148,8 @@ class RecoveryModule(pl.LightningModule):
             if r.kl > 0:
                 mask = (batch["labels"][:, 1:] != -100).float()
                 losses["kl"] = kl_loss(out.logits[:, :-1], t_out.logits[:, :-1], mask,
-                                       r.temperature, r.kl_direction, r.kl_reduction)
+                                       r.temperature, r.kl_direction, r.kl_reduction,
+                                       None if counts is None else counts[0])
             if r.hidden > 0:
                 mask = batch["attention_mask"].float()
                 terms = []
@@ -140,7 +157,7 @@ class RecoveryModule(pl.LightningModule):
                     sh = out.hidden_states[si]
                     if self.hidden_proj:
                         sh = self.hidden_proj[str(k)](sh)
-                    terms.append(hidden_mse(sh, t_out.hidden_states[ti], mask))
+                    terms.append(hidden_mse(sh, t_out.hidden_states[ti], mask, None if counts is None else counts[1]))
                 losses["hidden"] = torch.stack(terms).mean()
         weights = {"ce": r.ce, "kl": r.kl, "hidden": r.hidden}
         losses["loss"] = sum(weights[k] * v for k, v in losses.items())

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from harness.errors import HarnessError
 
 TUNE_TYPES = ("frozen", "full", "lora")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class Recipe:
     # "auto": bf16-true on GPUs (weights and teacher in bf16), fp32 on CPU.
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    # Processes (Lightning `devices`) and `strategy`; batch_size is the global batch, split over them.
+    devices: int = 1
+    strategy: str = "auto"
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -74,6 +78,10 @@ class Recipe:
             raise HarnessError(f"recipe {self.name}: kl_reduction must be token_mean or batch_sum")
         if self.temperature <= 0 or self.lr <= 0 or self.batch_size < 1 or self.accumulate < 1:
             raise HarnessError(f"recipe {self.name}: temperature, lr, batch_size and accumulate must be positive")
+        if self.strategy not in STRATEGIES:
+            raise HarnessError(f"recipe {self.name}: strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if not isinstance(self.devices, int) or self.devices < 1 or self.batch_size % self.devices:
+            raise HarnessError(f"recipe {self.name}: devices must be a positive integer dividing batch_size (the global batch)")
         if all(getattr(self, p) == "frozen" for p in ("vision", "projector", "language_model")):
             raise HarnessError(f"recipe {self.name}: nothing is trainable")
         return self

@@ -31,8 +31,11 @@ class NonFiniteLoss(HarnessError):
 class _FiniteGuard(pl.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None and not torch.isfinite(loss):
-            raise NonFiniteLoss(f"non-finite loss {loss.item()} at step {trainer.global_step}")
+        finite = loss is None or bool(torch.isfinite(loss))
+        # Every process must stop together (a lone failing rank would leave the others waiting in all-reduce).
+        if not trainer.strategy.reduce_boolean_decision(finite, all=True):
+            shown = f"{loss.item()}" if not finite else "on another process"
+            raise NonFiniteLoss(f"non-finite loss {shown} at step {trainer.global_step}")
 
 
 def make_logger(run_name: str, config: dict, group: str | None = None, job_type: str = "recover"):
@@ -49,9 +52,16 @@ def make_logger(run_name: str, config: dict, group: str | None = None, job_type:
 
 
 def train(module: RecoveryModule, datamodule, recipe: Recipe, *, run_name: str, ckpt_dir: Path | None = None,
-          resume: bool = True, logger=None, devices: int = 1, strategy: str = "auto",
-          progress: bool = True, ckpt_every: int = 50, callbacks: list | None = None) -> dict:
-    """Fit and return a summary (steps, final losses, wall time)."""
+          resume: bool = True, logger=None, devices: int | None = None, strategy: str | None = None,
+          progress: bool = True, ckpt_every: int = 50, callbacks: list | None = None,
+          accelerator: str = "auto") -> dict:
+    """Fit and return a summary (steps, final losses, wall time).
+
+    `devices` and `strategy` default to the recipe's. The datamodule splits every
+    global batch over the processes itself, hence `use_distributed_sampler=False`.
+    """
+    devices = recipe.devices if devices is None else devices
+    strategy = recipe.strategy if strategy is None else strategy
     pl.seed_everything(recipe.seed, workers=True, verbose=False)
     steps = recipe.max_steps
     if steps <= 0:
@@ -64,7 +74,8 @@ def train(module: RecoveryModule, datamodule, recipe: Recipe, *, run_name: str, 
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=ckpt_every,
                                          save_top_k=0, save_weights_only=False))
     trainer = pl.Trainer(
-        max_steps=steps, max_epochs=-1, accelerator="auto", devices=devices, strategy=strategy,
+        max_steps=steps, max_epochs=-1, accelerator=accelerator, devices=devices, strategy=strategy,
+        use_distributed_sampler=False,
         precision=recipe.resolved_precision,
         accumulate_grad_batches=recipe.accumulate, gradient_clip_val=recipe.clip or None,
         logger=logger if logger is not None else False, callbacks=callbacks,
@@ -126,6 +137,8 @@ def recover(teacher: str, student_dir: str | Path, recipe_name: str, data: str |
     ckpt_dir = out.parent / f".{out.name}.ckpt"
     summary = train(module, dm, recipe, run_name=run_name, ckpt_dir=ckpt_dir, logger=logger, progress=progress)
     logger.experiment.finish()
+    if not module.trainer.is_global_zero:  # under DDP the other processes only trained
+        return {**summary, "num_samples": len(dm.indices)}
     record = {"recipe": recipe.name, "settings": {k: v for k, v in recipe.__dict__.items() if k != "name"},
               "data_fraction": fraction, "num_samples": len(dm.indices), "teacher": str(teacher), **summary}
     extra = {"recovery.json": record}
