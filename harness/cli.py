@@ -24,6 +24,31 @@ def _offline_defaults() -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_progress_bars()
+
+
+def _quiet_progress_bars() -> None:
+    """Library progress bars ("Loading weights", "Generating train split") go to stderr, which holds errors only.
+
+    Set HF_HUB_DISABLE_PROGRESS_BARS=0 / HF_DATASETS_DISABLE_PROGRESS_BARS=0 to see them again.
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and "transformers" in sys.modules:  # imported already
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1" and "datasets" in sys.modules:
+        from datasets.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line too (`error: ...`, exit status 2); `--help` still prints the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 def cmd_data_make(args) -> None:
@@ -54,12 +79,17 @@ def _parse_overrides(pairs: list[str]) -> dict:
     """`--set lr=1e-4 --set language_model=full` -> typed dict (YAML scalars)."""
     import yaml
 
+    from harness.io import load_yaml
+
     out = {}
     for item in pairs or []:
         if "=" not in item:
             raise HarnessError(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = load_yaml(value)
+        except yaml.YAMLError:
+            raise HarnessError(f"--set {key}: {value!r} is not a YAML value") from None
     return out
 
 
@@ -86,15 +116,22 @@ def cmd_convert_bunny(args) -> None:
 
 
 def cmd_report(args) -> None:
+    from analysis import AnalysisError, load_results
+    from analysis.__main__ import default_dirs
     from analysis.__main__ import main as report_main
 
+    try:  # the same checks analysis makes, so bad input reads like every other `error: ...`
+        for folder in [Path(e) for e in args.experiments] or default_dirs():
+            load_results(folder)
+    except AnalysisError as e:
+        raise HarnessError(str(e)) from None
     code = report_main([*args.experiments] + (["--wandb"] if args.wandb else []))
     if code:
         raise SystemExit(code)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harness", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="harness", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="the synthetic multimodal world").add_subparsers(dest="action", required=True)
@@ -162,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _offline_defaults()
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # usage errors (one line, status 2) and --help (status 0)
+        return e.code if isinstance(e.code, int) else 2
     try:
         args.func(args)
     except HarnessError as e:

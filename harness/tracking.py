@@ -1,13 +1,108 @@
-"""W&B settings: offline by default, online only when the user asks and a key exists."""
+"""W&B: offline by default; online only when asked for, reachable and accepting the key, else offline.
+
+`wandb_mode()` is what every run uses. With WANDB_MODE=online it first makes one short,
+cached check per process (a key is configured, the server at WANDB_BASE_URL answers, and
+accepts the key); when any of that fails it says why in one line on stderr and returns
+`offline`, so nothing logged is lost: the offline run holds every metric and
+`make wandb-sync` uploads it later. `start_run()` wraps `wandb.init` the same way for
+failures the check cannot foresee: an online init that fails is retried offline.
+
+The API key is only ever read here to authenticate that check; it is never logged,
+printed or stored (W&B keeps it out of run files itself).
+"""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+_verdicts: dict[tuple, str | None] = {}  # (base url, key digest) -> why online is unusable, or None
 
 
 def wandb_mode() -> str:
-    """`online` needs WANDB_MODE=online and a key; anything missing falls back to offline."""
+    """`online` only when WANDB_MODE=online and the server is usable; `disabled` stays; anything else is `offline`."""
     mode = os.environ.get("WANDB_MODE", "offline")
-    if mode == "online" and not (os.environ.get("WANDB_API_KEY") or os.path.exists(os.path.expanduser("~/.netrc"))):
+    if mode in ("offline", "disabled"):
+        return mode
+    if mode != "online":
         return "offline"
-    return mode if mode in ("online", "offline", "disabled") else "offline"
+    problem = online_problem()
+    if problem:
+        return "offline"
+    return "online"
+
+
+def online_problem() -> str | None:
+    """Why online logging cannot work right now (None when it can); checked once per process and setting."""
+    base = os.environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL).rstrip("/")
+    key = _api_key(base)
+    cache_key = (base, hash(key))
+    if cache_key not in _verdicts:
+        _verdicts[cache_key] = _check_server(base, key)
+        if _verdicts[cache_key]:
+            _warn(f"W&B online mode is unusable ({_verdicts[cache_key]}); logging offline instead "
+                  f"(upload later with `make wandb-sync`)")
+    return _verdicts[cache_key]
+
+
+def start_run(**init_kwargs):
+    """`wandb.init` in `wandb_mode()`; an online init that fails anyway falls back to an offline run."""
+    import wandb
+
+    mode = wandb_mode()
+    if mode == "online":
+        try:
+            return wandb.init(mode="online", **init_kwargs)
+        except Exception as e:  # noqa: BLE001  (any failure: keep the metrics offline)
+            base = os.environ.get("WANDB_BASE_URL", DEFAULT_BASE_URL).rstrip("/")
+            _verdicts[(base, hash(_api_key(base)))] = reason = f"init failed: {type(e).__name__}"
+            _warn(f"W&B online mode is unusable ({reason}); logging offline instead")
+            wandb.teardown()  # the service may still be retrying the online run; start a fresh one
+        mode = "offline"
+    return wandb.init(mode=mode, **init_kwargs)
+
+
+def _check_server(base: str, key: str | None) -> str | None:
+    if not key:
+        return "no API key: set WANDB_API_KEY or run `wandb login`"
+    timeout = min(float(os.environ.get("WANDB_INIT_TIMEOUT", 10)), 10.0)
+    request = urllib.request.Request(
+        f"{base}/graphql", data=json.dumps({"query": "query { viewer { id } }"}).encode(),
+        headers={"Content-Type": "application/json",
+                 "Authorization": "Basic " + base64.b64encode(f"api:{key}".encode()).decode()})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return f"{base} rejected the API key (HTTP {e.code})" if e.code in (401, 403) else f"{base} answered HTTP {e.code}"
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        return f"cannot reach {base}: {reason}"
+    if not (isinstance(body, dict) and (body.get("data") or {}).get("viewer")):
+        return f"{base} did not accept the API key"
+    return None
+
+
+def _api_key(base: str) -> str | None:
+    if os.environ.get("WANDB_API_KEY"):
+        return os.environ["WANDB_API_KEY"]
+    import netrc
+
+    host = urllib.parse.urlparse(base).hostname or ""
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        auth = netrc.netrc(str(path)).authenticators(host) if path.exists() else None
+    except (netrc.NetrcParseError, OSError):
+        return None
+    return auth[2] if auth else None
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)

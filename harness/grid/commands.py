@@ -42,6 +42,8 @@ def run_command(args) -> None:
         for s in plan.stages.values():
             if (f := s.failure()) and not s.done():
                 print(f"  failed {s.kind} {s.key}: {f['reason']}")
+        for f in runner.cell_failures(plan):
+            print(f"  failed cell {f['cell']} (at {f['stage']} {f['key']}): {f['reason']}")
         return
     print(plan_text(plan))
     if args.backend == "local":
@@ -51,9 +53,13 @@ def run_command(args) -> None:
     out = runner.write_results(plan)
     summary["wall_s"] = time.perf_counter() - started
     overhead = (summary["wall_s"] - summary["compute_s"]) / max(summary["wall_s"], 1e-9)
+    failed_cells = {f["cell"]: f"{f['stage']}: {f['reason']}" for f in runner.cell_failures(plan)}
     print(json.dumps({"wall_s": round(summary["wall_s"], 1), "compute_s": round(summary["compute_s"], 1),
-                      "grid_overhead": round(overhead, 4), "failed": summary["failed"]}, indent=1))
-    if out is not None:
+                      "grid_overhead": round(overhead, 4), "failed": summary["failed"], "failed_cells": failed_cells},
+                     indent=1))
+    if failed_cells:
+        print(f"{len(failed_cells)} failed cell(s) listed in {out}/failed.csv")
+    if out is not None and (out / "cells.csv").exists():
         print(f"results written to {out}/cells.csv")
         if not args.no_figures:
             from analysis.report import write_report

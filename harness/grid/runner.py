@@ -3,11 +3,17 @@
 Safety: every stage writes atomically and is done exactly when its artifact exists;
 a file lock per stage stops two runners (or SLURM array tasks) from computing the
 same stage; a failing stage is recorded with its reason and its cells are skipped
-until `--retry-failed`.
+until `--retry-failed` (the failed cells and their reasons are in `failed.csv` beside
+the results). A runner killed at any moment (kill -9 included) leaves no lock that
+blocks and no half-written artifact; a rerun removes its temporaries and finishes
+with the results an uninterrupted run gives (tests/test_reliability.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -82,17 +88,10 @@ def ensure(plan: Plan, stage: st.Stage, retry_failed: bool = False, log=print) -
     reason = _blocked(plan, stage, retry_failed)
     if reason:
         raise HarnessError(reason)
-    lock_path = st.GRID_ROOT / "locks" / f"{stage.key}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(lock_path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log(f"  {stage.kind} {stage.key}: another runner holds it; waiting")
-        lock.acquire()
-    try:
+    with stage_lock(stage, log):
         if stage.done():  # finished by the other runner while we waited
             return 0.0
+        st.remove_leftovers(stage)  # debris of a killed run of this stage (we hold its lock: no one else writes it)
         st.clear_failure(stage)
         log(f"  {stage.kind} {stage.key} ...")
         try:
@@ -103,14 +102,32 @@ def ensure(plan: Plan, stage: st.Stage, retry_failed: bool = False, log=print) -
         log(f"  {stage.kind} {stage.key} done in {seconds:.1f} s")
         _append_run_log(stage, seconds)
         return seconds
+
+
+@contextlib.contextmanager
+def stage_lock(stage: st.Stage, log=print):
+    """Hold the stage's lock. It is an OS lock (flock): a runner killed with -9 releases it with its
+    process, so the lock file it leaves behind never blocks a rerun."""
+    lock_path = st.GRID_ROOT / "locks" / f"{stage.key}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log(f"  {stage.kind} {stage.key}: another runner holds it; waiting")
+        lock.acquire()
+    try:
+        yield
     finally:
         lock.release()
 
 
 def _append_run_log(stage: st.Stage, seconds: float) -> None:
-    """One line per computed stage: which process ran it and how long it took (audit and overhead)."""
+    """One line per computed stage: which process ran it and how long it took (audit and overhead).
+
+    One `write` of a short line in append mode: a kill leaves the line whole or absent.
+    """
     import json
-    import os
 
     line = json.dumps({"key": stage.key, "kind": stage.kind, "pid": os.getpid(), "seconds": round(seconds, 3),
                        "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -213,20 +230,43 @@ def collect_rows(plan: Plan) -> list[dict]:
     return rows
 
 
+def cell_failures(plan: Plan) -> list[dict]:
+    """One row per cell that cannot finish because one of its stages failed: which stage, and why."""
+    rows = []
+    for cell, ids in plan.cell_stages.items():
+        for kind, key in ids.items():
+            stage = plan.stages[key]
+            if not stage.done() and (failure := stage.failure()):
+                rows.append({"experiment": plan.spec.name, "cell": cell.label, **asdict(cell), "stage": kind,
+                             "key": key, "reason": failure["reason"]})
+                break
+    return rows
+
+
 def write_results(plan: Plan, results_root: Path = Path("results")) -> Path | None:
+    """`cells.csv`/`.parquet`: the finished cells; `failed.csv`: the failed ones with their reason (only if any)."""
     import pandas as pd
 
     from harness.io import atomic_write_text
 
-    rows = collect_rows(plan)
-    if not rows:
-        return None
+    rows, failures = collect_rows(plan), cell_failures(plan)
     out = results_root / plan.spec.name
+    if failures:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "failed.csv", pd.DataFrame(failures).to_csv(index=False))
+    elif (out / "failed.csv").exists():
+        (out / "failed.csv").unlink()  # retried successfully
+    if not rows:
+        return out if failures else None
     out.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame(rows).sort_values(["teacher", "method", "ratio", "recovery", "data_fraction", "seed",
                                          "benchmark", "metric"]).reset_index(drop=True)
     atomic_write_text(out / "cells.csv", df.to_csv(index=False))
-    tmp = out / ".cells.parquet.tmp"
-    df.to_parquet(tmp, index=False)
-    tmp.replace(out / "cells.parquet")
+    fd, tmp = tempfile.mkstemp(prefix=".cells.parquet.tmp-", dir=out)  # unique: two runners may finish together
+    os.close(fd)
+    try:
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, out / "cells.parquet")
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return out

@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from harness.errors import HarnessError
+from harness.io import load_yaml
 
 TOP_KEYS = {"name", "description", "data", "teachers", "tasks", "seeds", "prune", "recover", "eval", "excludes",
             "only", "models"}
@@ -141,7 +142,7 @@ def load_spec(path: str | Path) -> Spec:
     if not path.exists():
         raise HarnessError(f"spec file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise HarnessError(f"{path} does not parse as YAML: {str(e).splitlines()[0]}") from None
     _check_keys(str(path), raw, TOP_KEYS)
@@ -174,6 +175,18 @@ def load_spec(path: str | Path) -> Spec:
     tasks = raw.get("tasks", ["synth"])
     tasks = _require_list(f"{path}: tasks", [tasks] if isinstance(tasks, str) else tasks, str)
     seeds = _require_list(f"{path}: seeds", raw.get("seeds", [0]), int)
+    for key in ("data", "description"):
+        if key in raw and not isinstance(raw[key], str):
+            raise HarnessError(f"{path}: {key} must be a string, got {raw[key]!r}")
+    for where, value in (("prune.settings", prune.get("settings")), ("prune.method_settings", prune.get("method_settings")),
+                         ("recover.settings", recover.get("settings")),
+                         ("recover.recipe_settings", recover.get("recipe_settings")), ("models", raw.get("models"))):
+        if value is not None and not isinstance(value, dict):
+            raise HarnessError(f"{path}: {where} must be a mapping, got {value!r}")
+        if where.endswith("_settings") and value:
+            for name, inner in value.items():
+                if not isinstance(inner, dict):
+                    raise HarnessError(f"{path}: {where}.{name} must be a mapping, got {inner!r}")
     for where, d in (("excludes", raw.get("excludes") or []), ("only", raw.get("only") or [])):
         if not isinstance(d, list):
             raise HarnessError(f"{path}: {where} must be a list of mappings")
@@ -193,9 +206,58 @@ def load_spec(path: str | Path) -> Spec:
     for name in spec.method_settings:
         if name not in methods:
             raise HarnessError(f"{path}: method_settings names {name!r}, which is not in prune.methods")
+    _check_prune_settings(spec)
     _check_recipe_overrides(spec)
+    _check_eval(spec)
     spec.cells()  # duplicates / empty selection fail now, before anything runs
     return spec
+
+
+PRUNE_FIXED = {"model", "method", "ratio", "out", "processor", "data", "importance_dir"}  # set by the grid itself
+POSITIVE = {"calib_samples", "batch_size", "max_length", "round_to", "context"}
+
+
+def _check_prune_settings(spec: Spec) -> None:
+    """Prune settings are `harness.pruning.prune.prune` keywords: known names, right types, positive sizes."""
+    import difflib
+    import inspect
+
+    from harness.io import has_type
+    from harness.pruning.prune import prune
+
+    params = inspect.signature(prune).parameters
+    known = sorted(set(params) - PRUNE_FIXED)
+    blocks = [("prune.settings", spec.prune_settings)]
+    blocks += [(f"prune.method_settings.{m}", s) for m, s in spec.method_settings.items()]
+    for where, settings in blocks:
+        for key, value in settings.items():
+            if key not in known:
+                close = difflib.get_close_matches(key, known, 1)
+                hint = f" (did you mean {close[0]}?)" if close else f"; known: {', '.join(known)}"
+                raise HarnessError(f"{spec.path}: {where} has unknown setting {key!r}{hint}")
+            annotation = str(params[key].annotation)
+            if key in ("attn_layers", "mlp_layers") and isinstance(value, list):
+                continue  # START:END or a list of layer indices
+            if not has_type(value, annotation):
+                raise HarnessError(f"{spec.path}: {where}.{key} must be {annotation}, got {value!r}")
+            if key in POSITIVE and value is not None and value < 1:
+                raise HarnessError(f"{spec.path}: {where}.{key} must be >= 1, got {value!r}")
+
+
+def _check_eval(spec: Spec) -> None:
+    """Evaluation settings and task names fail here, not in the first evaluation stage."""
+    from harness.evaluation.evaluate import check_tasks, split_tasks
+
+    limit, batch = spec.eval_settings.get("limit"), spec.eval_settings.get("batch_size", 1)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
+        raise HarnessError(f"{spec.path}: eval.limit must be a positive number (samples per task, a fraction if < 1) "
+                           f"or null, got {limit!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise HarnessError(f"{spec.path}: eval.batch_size must be a positive integer, got {batch!r}")
+    try:
+        check_tasks(split_tasks(spec.tasks))
+    except HarnessError as e:
+        raise HarnessError(f"{spec.path}: {e}") from None
 
 
 def _check_recipe_overrides(spec: Spec) -> None:

@@ -95,6 +95,19 @@ def run_stage(stage: Stage, group: str) -> float:
     return time.perf_counter() - t0
 
 
+def remove_leftovers(stage: Stage) -> list[Path]:
+    """Temporary siblings a killed run of this stage left (never read as artifacts; they only take disk).
+
+    The recovery's resume checkpoint (`.KEY.ckpt`) is not debris: it is kept so the rerun resumes.
+    """
+    from harness.io import remove_leftovers as remove
+
+    found = remove(stage.output)
+    if stage.kind in ("eval", "teacher-eval"):
+        found += remove(stage.output.with_name(f"{stage.key}.samples.jsonl"))
+    return found
+
+
 def record_failure(stage: Stage, error: BaseException) -> None:
     reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     write_json(stage.failure_file, {"kind": stage.kind, "payload": stage.payload, "reason": reason,
@@ -107,17 +120,14 @@ def clear_failure(stage: Stage) -> None:
 
 def _log_wandb(group: str, job_type: str, config: dict, summary: dict, key: str) -> None:
     """One W&B run per stage, grouped by experiment (offline unless configured online)."""
-    import wandb
+    from harness.tracking import start_run, wandb_mode
 
-    from harness.tracking import wandb_mode
-
-    mode = wandb_mode()
-    if mode == "disabled":
+    if wandb_mode() == "disabled":
         return
     save_dir = Path(os.environ.get("HARNESS_ARTIFACTS", "artifacts")) / "wandb"
     save_dir.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "mllm-compression"), group=group, job_type=job_type,
-                     name=f"{job_type}-{key}", config=config, dir=str(save_dir), mode=mode, reinit="finish_previous")
+    run = start_run(project=os.environ.get("WANDB_PROJECT", "mllm-compression"), group=group, job_type=job_type,
+                    name=f"{job_type}-{key}", config=config, dir=str(save_dir), reinit="finish_previous")
     flat = {}
     for k, v in summary.items():
         if isinstance(v, dict):
@@ -134,11 +144,16 @@ def _log_wandb(group: str, job_type: str, config: dict, summary: dict, key: str)
 
 def check_inputs(spec) -> None:
     """Fail before heavy work: data and teachers must exist."""
+    from harness.data.instruct import load_mix
     from harness.models.loading import resolve
 
     data = Path(spec.data)
     if not (data / "mix.json").exists() and not data.is_file():
         raise HarnessError(f"{spec.path}: data path {data} has no mix.json (run `harness data make` or fix `data`)")
+    try:
+        load_mix(data)  # empty, unreadable or not LLaVA JSON: fail now, not in the first stage that reads it
+    except HarnessError as e:
+        raise HarnessError(f"{spec.path}: {e}") from None
     for t in spec.teachers:
         resolve(t)
     if not (data / "benchmarks").exists() and any(t.startswith("synth") for t in spec.tasks):
