@@ -107,10 +107,11 @@ def log_to_wandb(results_dir, out_dir=None, wandb_dir=None) -> str:
         write_report(results_dir, out)
     wandb_dir = Path(wandb_dir) if wandb_dir is not None else WANDB_DIR
     wandb_dir.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(
+    from harness.tracking import start_run  # offline unless online is asked for and usable
+
+    run = start_run(
         project=os.environ.get("WANDB_PROJECT", "mllm-structural-pruning"),
-        group=experiment, job_type="analysis", name=f"{experiment}-analysis",
-        mode=os.environ.get("WANDB_MODE", "offline"), dir=str(wandb_dir),
+        group=experiment, job_type="analysis", name=f"{experiment}-analysis", dir=str(wandb_dir),
     )
     with run:
         for name in ("table_a", "table_b"):

@@ -94,3 +94,37 @@ def test_unsupported_family_is_rejected():
     model.config.text_config.model_type = "gpt2"
     with pytest.raises(HarnessError, match="unsupported language-model family"):
         LMAdapter(model)
+
+
+def test_vision_pretraining_targets_read_every_cell():
+    """Stage 0's targets: what each cell holds, row-major like the patches; empty cells are class 0."""
+    import random
+
+    from harness.data import world
+    from harness.recovery.vision_pretrain import HEADS, cell_labels
+
+    scene = world.random_scene(random.Random(3), text_prob=1.0)
+    labels = cell_labels(scene)
+    assert labels.shape == (world.GRID**2, len(HEADS))
+    for t in scene.things:
+        kind, color, size = labels[t.row * world.GRID + t.col].tolist()
+        assert color == 1 + list(world.COLORS).index(t.color)
+        assert kind == (1 + len(world.SHAPES) + t.digit if t.digit >= 0 else 1 + world.SHAPES.index(t.shape))
+    empty = [i for i in range(world.GRID**2) if scene.at(i // world.GRID, i % world.GRID) is None]
+    assert all(labels[i].tolist() == [0, 0, 0] for i in empty)
+
+
+def test_teacher_training_runs_every_stage(tiny_world, tmp_path):
+    """`harness teacher train` end to end on a few steps: an HF checkpoint and a record of each stage."""
+    from transformers import LlavaForConditionalGeneration
+
+    from harness.recovery.teacher import train_teacher
+
+    stages = {"vision": dict(steps=2, batch_size=8), "align": dict(max_steps=1, batch_size=4),
+              "full": dict(max_steps=2, batch_size=4)}
+    summary = train_teacher("tiny-llava", tiny_world, tmp_path / "t", stages=stages, progress=False)
+    assert set(summary["stages"]) == {"vision", "align", "full"}
+    assert summary["stages"]["full"]["steps"] == 2
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "t")
+    assert model.config.text_config.num_hidden_layers == 12
+    assert (tmp_path / "t" / "teacher.json").exists()

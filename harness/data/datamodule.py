@@ -9,6 +9,12 @@ contiguous 1/N slice of every global batch of the same seeded order (the split i
 done here, so the Trainer runs with `use_distributed_sampler=False`): N processes
 see exactly the batches one process would, and rank r's micro-batch k is
 micro-batch r of global batch k, as under gradient accumulation.
+
+With `group_by_length` (LLaVA's `group_by_modality_length`, HF's `LengthGroupedSampler`)
+each run of `GROUP_BATCHES` global batches of the shuffled order is sorted by text
+length before being cut into batches, whose order within the run is then shuffled:
+batches pad far less (on the synthetic mix 57% of a random batch's tokens are real,
+over 90% of a grouped one's) while the epoch stays a seeded permutation.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from harness.data.instruct import Collator, fraction_indices, load_mix
 from harness.errors import HarnessError
+
+GROUP_BATCHES = 32  # global batches per length-sorted run
 
 
 class _Records(Dataset):
@@ -38,9 +46,10 @@ class ResumableLoader(DataLoader):
     """A shuffling DataLoader whose order depends only on (seed, epoch) and which can skip ahead."""
 
     def __init__(self, dataset, batch_size, collate_fn, seed: int, num_workers: int = 0, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, lengths: list[int] | None = None):
         self.seed, self.epoch, self.consumed, self._skip = seed, 0, 0, 0
         self.rank, self.world_size = rank, world_size  # batch_size is per process
+        self.lengths = lengths  # per-record lengths: group batches by length when given
         super().__init__(dataset, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers,
                          sampler=_EpochSampler(self), drop_last=False)
 
@@ -71,6 +80,8 @@ class _EpochSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(loader.seed * 1000003 + loader.epoch)
         order = torch.randperm(len(loader.dataset), generator=g).tolist()
         n = loader.world_size
+        if loader.lengths is not None:
+            order = _group_by_length(order, loader.lengths, loader.batch_size * n, g)
         if n > 1:  # this rank's slice of every global batch; the last one is padded from the start, as DistributedSampler does
             order += (order * n)[: -len(order) % n]
             step = loader.batch_size * n
@@ -83,9 +94,33 @@ class _EpochSampler(torch.utils.data.Sampler):
         return iter(order[loader._skip * loader.batch_size:])
 
 
+def _group_by_length(order: list[int], lengths: list[int], batch: int, g: torch.Generator) -> list[int]:
+    """Sort each run of GROUP_BATCHES batches by length (longest first) and shuffle its full batches.
+
+    Batch boundaries stay at multiples of `batch`, so the DDP split and resume see whole batches;
+    a final partial batch stays last.
+    """
+    grouped = []
+    run = batch * GROUP_BATCHES
+    for start in range(0, len(order), run):
+        chunk = sorted(order[start:start + run], key=lambda i: -lengths[i])
+        batches = [chunk[k:k + batch] for k in range(0, len(chunk), batch)]
+        full = [b for b in batches if len(b) == batch]
+        for k in torch.randperm(len(full), generator=g).tolist():
+            grouped += full[k]
+        grouped += [i for b in batches if len(b) < batch for i in b]
+    return grouped
+
+
+def text_lengths(ds) -> list[int]:
+    """Characters of every turn: a cheap proxy for the token count, as LLaVA's `lengths` is for words."""
+    return [sum(len(turn["value"]) for turn in conv) for conv in ds["conversations"]]
+
+
 class MixDataModule(pl.LightningDataModule):
     def __init__(self, mix_path: str | Path, processor, model_config, fraction: float = 1.0,
-                 batch_size: int = 32, seed: int = 0, max_length: int = 512, num_workers: int = 0):
+                 batch_size: int = 32, seed: int = 0, max_length: int = 512, num_workers: int = 0,
+                 group_by_length: bool = False):
         super().__init__()
         self.mix_path = Path(mix_path)
         self.ds = load_mix(self.mix_path)
@@ -93,6 +128,10 @@ class MixDataModule(pl.LightningDataModule):
         self.indices = fraction_indices(len(self.ds), fraction, seed)
         self.collator = Collator(processor, model_config, root, max_length)
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+        self.lengths = None
+        if group_by_length:
+            every = text_lengths(self.ds)
+            self.lengths = [every[i] for i in self.indices]
 
     @property
     def sample_ids(self) -> list[str]:
@@ -108,4 +147,4 @@ class MixDataModule(pl.LightningDataModule):
         if self.batch_size % world:
             raise HarnessError(f"batch size {self.batch_size} is the global batch: it must divide evenly over {world} processes")
         return ResumableLoader(_Records(self.ds, self.indices), self.batch_size // world, self.collator, self.seed,
-                               self.num_workers, rank=rank, world_size=world)
+                               self.num_workers, rank=rank, world_size=world, lengths=self.lengths)

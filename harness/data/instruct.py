@@ -28,6 +28,8 @@ def load_mix(path: str | Path):
         path = path / "mix.json"
     if not path.exists():
         raise HarnessError(f"instruction mix not found: {path}")
+    if path.stat().st_size < 64 and path.read_text().replace(" ", "").replace("\n", "") in ("", "[]"):
+        raise HarnessError(f"instruction mix {path} is empty")
     try:
         ds = load_dataset("json", data_files=str(path), split="train")
     except Exception as e:  # datasets raises several types for bad JSON
@@ -36,7 +38,26 @@ def load_mix(path: str | Path):
         raise HarnessError(f"instruction mix {path} is empty")
     if "conversations" not in ds.column_names:
         raise HarnessError(f"instruction mix {path} has no 'conversations' field (LLaVA JSON format expected)")
+    turns = ds[0]["conversations"]
+    if not (isinstance(turns, list) and turns and all(isinstance(t, dict) and {"from", "value"} <= set(t) for t in turns)):
+        raise HarnessError(f"instruction mix {path}: the first record's conversations are not a list of "
+                           f"{{from, value}} turns (LLaVA JSON format expected), got {str(turns)[:80]}")
     return ds
+
+
+def check_images(ds, indices: list[int], image_root: str | Path) -> None:
+    """Before training: every selected record's image exists and its header parses (PIL reads only the header)."""
+    if "image" not in ds.column_names:
+        return
+    root = Path(image_root)
+    for name in ds.select(indices)["image"]:
+        if not name:
+            continue
+        try:
+            with Image.open(root / name) as img:
+                img.size  # noqa: B018  (the header is parsed by open)
+        except (OSError, ValueError) as e:
+            raise HarnessError(f"cannot decode image {root / name}: {e}") from None
 
 
 def fraction_indices(n: int, fraction: float, seed: int = 0) -> list[int]:

@@ -48,9 +48,18 @@ def check_checkpoint(path: Path) -> dict:
     return cfg
 
 
+def _check_loading_report(where, report: dict) -> None:
+    """transformers only warns when config and weights disagree, and initialises the rest at random: refuse."""
+    problems = {k: sorted(map(str, v)) for k, v in report.items() if k != "error_msgs" and v}
+    if problems:
+        detail = "; ".join(f"{k.replace('_', ' ')}: {len(v)} ({', '.join(v[:2])}, ...)" for k, v in problems.items())
+        raise HarnessError(f"{where}: config.json does not match its weights ({detail})")
+
+
 def load(spec: str | Path, dtype=None, device: str | None = None, processor: bool = True):
     """Return (model, processor) in eval mode. dtype and device are the caller's choice."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     where = resolve(spec)
@@ -63,10 +72,14 @@ def load(spec: str | Path, dtype=None, device: str | None = None, processor: boo
 
             model = load_pruned(where, dtype=dtype)
         else:
-            model = LlavaForConditionalGeneration.from_pretrained(where, dtype=dtype, use_safetensors=True)
+            model, report = LlavaForConditionalGeneration.from_pretrained(where, dtype=dtype, use_safetensors=True,
+                                                                          output_loading_info=True)
+            _check_loading_report(where, report)
     except HarnessError:
         raise
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        if "ignore_mismatched_sizes" in str(e):  # transformers logs the shapes and raises this
+            raise HarnessError(f"{where}: config.json does not match its weights (tensor shapes differ)") from None
         raise HarnessError(f"cannot load model from {where}: {str(e).splitlines()[0]}") from None
     if device:
         model.to(device)

@@ -83,7 +83,10 @@ class Calibration:
         h.update(json.dumps([self.records, self.batch_size, self.max_length], sort_keys=True, default=str).encode())
         for record in self.records:
             if record.get("image"):
-                h.update((self.image_root / record["image"]).read_bytes())
+                try:
+                    h.update((self.image_root / record["image"]).read_bytes())
+                except OSError as e:
+                    raise HarnessError(f"cannot read image {self.image_root / record['image']}: {e.strerror or e}") from None
         return h.hexdigest()
 
     def batches(self, processor, model: nn.Module) -> list[dict]:

@@ -49,6 +49,8 @@ class Recipe:
     clip: float = 1.0
     adam_beta2: float = 0.999  # HF Trainer's default, as in the paper's code
     max_length: int = 512
+    # Batches of similar length (LLaVA's group_by_modality_length): far less padding.
+    group_by_length: bool = True
     # "auto": bf16-true on GPUs (weights and teacher in bf16), fp32 on CPU.
     precision: str = "auto"
     gradient_checkpointing: bool = False
@@ -101,6 +103,11 @@ class Recipe:
             raise HarnessError(f"unknown recipe setting(s): {', '.join(unknown)}")
         if isinstance(overrides.get("hidden_pairs"), list):
             overrides["hidden_pairs"] = tuple(tuple(p) for p in overrides["hidden_pairs"])
+        from harness.io import has_type
+
+        for f in dataclasses.fields(self):
+            if f.name in overrides and not has_type(overrides[f.name], str(f.type)):
+                raise HarnessError(f"recipe {self.name}: {f.name} must be {f.type}, got {overrides[f.name]!r}")
         return dataclasses.replace(self, **overrides).validate()
 
 
@@ -120,9 +127,10 @@ PRESETS: dict[str, Recipe] = {
         Recipe("sft+kd-logit+hidden", **_LORA, ce=1 - ALPHA, kl=ALPHA, hidden=ALPHA),
         # Training the embedded teachers, in LLaVA's two stages; the vision tower is
         # trained in stage 2 because no pretrained CLIP/SigLIP can be downloaded here.
-        Recipe("teacher-align", lr=1e-3, batch_size=64, warmup_ratio=0.05, adam_beta2=0.98),
+        # The committed teachers were trained before length grouping: off here keeps them reproducible.
+        Recipe("teacher-align", lr=1e-3, batch_size=64, warmup_ratio=0.05, adam_beta2=0.98, group_by_length=False),
         Recipe("teacher-full", vision="full", language_model="full", lr=7e-4, batch_size=64,
-               weight_decay=0.01, warmup_ratio=0.05, adam_beta2=0.98),
+               weight_decay=0.01, warmup_ratio=0.05, adam_beta2=0.98, group_by_length=False),
     ]
 }
 

@@ -38,7 +38,8 @@ def train_teacher(name: str, data: str | Path, out: str | Path, seed: int = 0, s
     for stage, recipe_name in (("align", "teacher-align"), ("full", "teacher-full")):
         recipe = get_recipe(recipe_name, seed=seed, **stages[stage])
         source = captions if stage == "align" and captions.exists() else data
-        dm = MixDataModule(source, processor, model.config, 1.0, recipe.batch_size, seed, recipe.max_length)
+        dm = MixDataModule(source, processor, model.config, 1.0, recipe.batch_size, seed, recipe.max_length,
+                           group_by_length=recipe.group_by_length)
         module = RecoveryModule(model, recipe)
         logger = make_logger(f"teacher-{name}-{stage}", {"recipe": recipe.__dict__, "model": name},
                              group="teachers", job_type="teacher")

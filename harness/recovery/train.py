@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins import TorchCheckpointIO
 
 from harness.errors import HarnessError
 from harness.io import atomic_dir, write_json
@@ -26,6 +27,25 @@ ARTIFACTS = Path(os.environ.get("HARNESS_ARTIFACTS", "artifacts"))
 
 class NonFiniteLoss(HarnessError):
     """A NaN or inf loss: the run is marked failed, never saved as a model."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Resume checkpoints written beside their target and renamed into place.
+
+    Lightning's own save goes through a temporary file in TMPDIR; where that is another
+    filesystem (node-local scratch on clusters) the last step is a copy, and a kill during
+    it leaves a partial `last.ckpt` that every rerun would then fail to resume from.
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 class _FiniteGuard(pl.Callback):
@@ -81,7 +101,7 @@ def train(module: RecoveryModule, datamodule, recipe: Recipe, *, run_name: str, 
         logger=logger if logger is not None else False, callbacks=callbacks,
         enable_checkpointing=ckpt_dir is not None, enable_progress_bar=progress,
         enable_model_summary=False, log_every_n_steps=10, deterministic=True,
-        num_sanity_val_steps=0,
+        num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()],
     )
     last = ckpt_dir / "last.ckpt" if ckpt_dir is not None else None
     t0 = time.perf_counter()
@@ -106,6 +126,7 @@ def recover(teacher: str, student_dir: str | Path, recipe_name: str, data: str |
             progress: bool = True, teacher_model=None, student_model=None) -> dict:
     """`harness recover`: train a pruned student with a recipe on a fraction of the mix."""
     from harness.data.datamodule import MixDataModule
+    from harness.data.instruct import check_images
     from harness.models import load
 
     recipe = get_recipe(recipe_name, **(overrides or {}))
@@ -129,7 +150,9 @@ def recover(teacher: str, student_dir: str | Path, recipe_name: str, data: str |
         t_model = teacher_model if teacher_model is not None else load(teacher, dtype=dtype, processor=False)
         if recipe.kl > 0 and t_model.config.text_config.vocab_size != student.config.text_config.vocab_size:
             raise HarnessError("student and teacher vocabularies differ: a logit loss needs the same vocabulary")
-    dm = MixDataModule(data, processor, student.config, fraction, recipe.batch_size, recipe.seed, recipe.max_length)
+    dm = MixDataModule(data, processor, student.config, fraction, recipe.batch_size, recipe.seed, recipe.max_length,
+                      group_by_length=recipe.group_by_length)
+    check_images(dm.ds, dm.indices, dm.collator.image_root)  # a bad image fails now, not halfway through training
     module = RecoveryModule(student, recipe, t_model, pruning.get("removed_layers", []))
     run_name = f"{out.name}"
     logger = make_logger(run_name, {"recipe": recipe.__dict__, "fraction": fraction, "student": str(student_dir),

@@ -22,11 +22,12 @@ from harness.data import world
 N_KIND = 1 + len(world.SHAPES) + 10  # empty, shapes, digits 0-9
 N_COLOR = 1 + len(world.COLORS)
 N_SIZE = 1 + len(world.SIZES)
+HEADS = {"kind": N_KIND, "color": N_COLOR, "size": N_SIZE}
 
 
 def cell_labels(scene: world.Scene) -> torch.Tensor:
     """(cells, 3) targets: kind, colour, size; row-major like the vision patches."""
-    labels = torch.zeros(world.GRID * world.GRID, 3, dtype=torch.long)
+    labels = torch.zeros(world.GRID * world.GRID, len(HEADS), dtype=torch.long)
     colors, shapes = list(world.COLORS), world.SHAPES
     for t in scene.things:
         i = t.row * world.GRID + t.col
@@ -59,23 +60,27 @@ class VisionPretrainModule(pl.LightningModule):
         self.layer = cfg.vision_feature_layer
         self.drop_cls = cfg.vision_config.model_type == "clip_vision_model"
         hidden = cfg.vision_config.hidden_size
-        self.heads = nn.ModuleList([nn.Linear(hidden, n) for n in (N_KIND, N_COLOR, N_SIZE)])
+        self.heads = nn.ModuleList([nn.Linear(hidden, n) for n in HEADS.values()])
         self.lr, self.total_steps = lr, total_steps
 
     def losses(self, pixels, labels):
         states = self.vision(pixels, output_hidden_states=True).hidden_states[self.layer]
         if self.drop_cls:
             states = states[:, 1:]
-        out = {}
-        for name, head, k in zip(("kind", "color", "size"), self.heads, range(3)):
+        out, correct = {}, []
+        for k, (name, head) in enumerate(zip(HEADS, self.heads)):
             logits = head(states)
             out[name] = F.cross_entropy(logits.flatten(0, 1), labels[..., k].flatten())
-            out[f"{name}_acc"] = (logits.argmax(-1) == labels[..., k]).float().mean()
+            correct.append(logits.argmax(-1) == labels[..., k])
+            out[f"{name}_acc"] = correct[-1].float().mean()
+        # Most cells are empty: what matters downstream is reading the occupied ones whole.
+        occupied = labels[..., 0] > 0
+        out["occupied_acc"] = torch.stack(correct).all(0)[occupied].float().mean()
         return out
 
     def training_step(self, batch, batch_idx):
         out = self.losses(*batch)
-        loss = out["kind"] + out["color"] + out["size"]
+        loss = sum(out[name] for name in HEADS)
         self.log_dict({f"vision/{k}": v.detach() for k, v in out.items()}, on_step=True)
         return loss
 
