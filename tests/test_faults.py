@@ -219,6 +219,7 @@ CASES = [
     ("override-wrong-type", [*RECOVER, "--recipe", "proj-sft", "--set", "lr=fast"], "lr"),
     ("override-unknown", [*RECOVER, "--recipe", "proj-sft", "--set", "learning_rate=1e-3"], "unknown recipe setting"),
     ("override-bad-tune-type", [*RECOVER, "--recipe", "proj-sft", "--set", "language_model=half"], "language_model"),
+    ("fsdp-not-saveable-yet", [*RECOVER, "--recipe", "proj-sft", "--set", "strategy=fsdp"], "strategy fsdp"),
     ("student-not-pruned", ["recover", "--teacher", "{teacher}", "--student", "{teacher}", "--recipe", "sft+kd-hidden",
                             "--out", "{out}", "--data", "{good_world}"], "no pruning.json"),
     ("student-missing", ["recover", "--teacher", "{teacher}", "--student", "{inputs}/nothing", "--recipe", "proj-sft",

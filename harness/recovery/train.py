@@ -132,6 +132,8 @@ def recover(teacher: str, student_dir: str | Path, recipe_name: str, data: str |
     recipe = get_recipe(recipe_name, **(overrides or {}))
     if not 0 < fraction <= 1:
         raise HarnessError(f"data fraction must be in (0, 1], got {fraction}")
+    if recipe.strategy == "fsdp":  # refuse before the GPU hours, not at save time
+        raise HarnessError("strategy fsdp: saving a sharded student as one safetensors model is not implemented yet; use ddp")
     out, student_dir = Path(out), Path(student_dir)
     if out.exists() and any(out.iterdir()):
         raise HarnessError(f"output directory {out} already exists and is not empty")
