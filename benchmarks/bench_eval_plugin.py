@@ -14,13 +14,17 @@ Without --model, a tiny-llava is used: the trained teacher if artifacts/teachers
 exists, else a random-init one saved to a temporary folder (random weights never emit
 EOS, so every answer runs the full max_new_tokens: a worst case for both). Without
 --data, artifacts/data/synth/benchmarks, else a small world generated in a temporary folder.
-`llava_hf` imports `decord`; where it is missing, `pip install decord` (a wheel on PyPI).
+`llava_hf` imports `decord`; where it is missing, the benchmark is skipped with that reason
+(status "skipped" in its --json output, exit status 0); `pip install decord` (a wheel on PyPI)
+enables it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +33,8 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
 
 
 def default_model(tmp: Path) -> Path:
@@ -89,7 +95,19 @@ CONTENDERS = [
 ]
 
 
-def main(argv: list[str] | None = None) -> None:
+def _slug(label: str) -> str:
+    return label.replace("(", "").replace(")", "").replace(" ", "_")
+
+
+def missing_requirement() -> str | None:
+    """Why lmms-eval's built-in llava_hf cannot run here, or None."""
+    if importlib.util.find_spec("decord") is None:
+        return ("lmms-eval's llava_hf imports decord, which is not installed (pip install decord); "
+                "the comparison needs both contenders, so it is skipped")
+    return None
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
     parser.add_argument("--data", default=None)
@@ -97,7 +115,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32, help="the plugin's batched setting")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for tiny models)")
+    parser.add_argument("--json", type=Path, default=None, help="write the result here")
     args = parser.parse_args(argv)
+    reason = missing_requirement()
+    if reason:
+        print(f"SKIPPED: {reason}")
+        return write_result(args.json, "eval_plugin", {}, {}, status="skipped", reason=reason)
 
     import torch
 
@@ -123,9 +146,17 @@ def main(argv: list[str] | None = None) -> None:
         for label, got in answers.items():
             same = sum(a.strip() == b.strip() for a, b in zip(got, base_answers, strict=True))
             print(f"answers of {label} equal to llava_hf chat's: {same}/{len(got)}")
+        ratios = {}
         for base in ("llava_hf chat (b1)", "llava_hf simple (b1)"):
             for label in ("harness (b1)", "harness (batched)"):
                 print(f"ratio {label} / {base}: {rates[label] / rates[base]:.2f}x")
+                key = f"{_slug(label)}_over_{_slug(base)}"
+                ratios[key] = round(rates[label] / rates[base], 4)
+        same = {label: sum(a.strip() == b.strip() for a, b in zip(got, base_answers, strict=True))
+                for label, got in answers.items()}
+    return write_result(args.json, "eval_plugin", ratios, {k: ">= 1 (samples/s)" for k in ratios},
+                        {"samples_per_s": rates, "answers_equal_to_llava_hf_chat": same, "samples": n,
+                         "tasks": tasks, "threads": args.threads, "batch_size": args.batch_size})
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 
 Prints the ratio Lightning / bare (goal: >= 0.95). Both run in this process, interleaved
 twice, on the same tiny student and teacher with the sft+kd-hidden recipe.
+
+    .venv/bin/python benchmarks/bench_recovery_loop.py [--json results/bench/recovery_loop.json]
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import sys
@@ -21,6 +24,9 @@ from harness.models import build_embedded
 from harness.recovery.module import RecoveryModule
 from harness.recovery.recipes import get_recipe
 from harness.recovery.train import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
 
 STEPS, BATCH = 30, 16
 
@@ -51,7 +57,10 @@ def lightning(student, teacher, processor, world, recipe) -> float:
     return STEPS / (time.perf_counter() - start)
 
 
-def main() -> dict:
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=None, help="write the result here")
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         world = make_world(Path(tmp) / "w", WorldSpec(mix_size=STEPS * BATCH * 2, benchmark_size=2))
         teacher, processor = build_embedded("tiny-llava")
@@ -63,6 +72,10 @@ def main() -> dict:
     result = {k: max(v) for k, v in rates.items()}
     result["ratio_lightning_over_bare"] = result["lightning"] / result["bare"]
     print(json.dumps(result, indent=1))
+    write_result(args.json, "recovery_loop", {"lightning_over_bare_steps_per_s": round(result["ratio_lightning_over_bare"], 4)},
+                 {"lightning_over_bare_steps_per_s": ">= 0.95"},
+                 {"steps_per_s": {k: v for k, v in rates.items()}, "best": result, "steps": STEPS, "batch": BATCH,
+                  "recipe": "sft+kd-hidden", "model": "tiny-llava (random init)"})
     return result
 
 

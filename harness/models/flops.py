@@ -11,6 +11,9 @@ Definition of `lm_macs_per_token` (one new token, batch 1, multiply-accumulates)
   mix `context` values (AV): `2 * query_width * context`, where `query_width` is the
   output width of the layer's query projection (heads * head_dim).
 The vision tower and projector are not counted: they run once per image, not per token.
+
+`lm_macs_for_tokens` sums this over a run of new tokens (a prefill, or decode steps after
+a cached prompt): token t of the run attends to `past + t` positions (t = 1..tokens).
 """
 
 from __future__ import annotations
@@ -46,3 +49,17 @@ def lm_macs_per_token(model: nn.Module, context: int = DEFAULT_CONTEXT) -> int:
     if context < 0:
         raise HarnessError(f"context must be >= 0, got {context}")
     return lm_linear_macs(model) + attention_score_macs(model, context)
+
+
+def lm_macs_for_tokens(model: nn.Module, tokens: int, past: int = 0) -> int:
+    """Language-model MACs of processing `tokens` new tokens after `past` cached ones (batch 1).
+
+    A prefill of T tokens is `lm_macs_for_tokens(model, T)`; N decode steps after a
+    P-token prompt are `lm_macs_for_tokens(model, N, past=P)`. Causal attention: the
+    t-th new token meets `past + t` keys, so the score part totals
+    `attention_score_macs(model, 1) * (tokens * past + tokens * (tokens + 1) / 2)`.
+    """
+    if tokens < 0 or past < 0:
+        raise HarnessError(f"tokens and past must be >= 0, got {tokens} and {past}")
+    positions = tokens * past + tokens * (tokens + 1) // 2
+    return tokens * lm_linear_macs(model) + attention_score_macs(model, 1) * positions

@@ -51,6 +51,10 @@ Importance estimation (`estimate_importance_memory`), batches of B samples of T 
   activations L * B * T * a_layer, logits with the loss and its gradient (14 bytes per
   element), and fp32 |W * grad| temporaries of the largest linear (12 bytes per weight);
 - width-activation: a no-grad forward with fp32 per-channel hooks; width-magnitude: weights only.
+`estimate_importance_memory(..., dtype=torch.float32, device="cpu")` sizes the same run with
+fp32 weights, gradients and activations (what `harness prune` does on a CPU: models load in
+fp32) and without the CUDA context; `importance_estimate_line` is the one-line summary
+`harness prune` prints before scoring, for the model's own dtype and device.
 
 These are upper-bound-style estimates at T = the configured maximum length: real batches
 are padded only to their longest sample. They are meant to decide "fits one 80 GB GPU or
@@ -78,6 +82,16 @@ LOGITS_BASE = BF16  # the student's bf16 logits
 LOGITS_CE = 12  # cross-entropy: fp32 upcast and saved log-softmax (8), then fp32 gradients in backward (4 more)
 LOGITS_KL = 20  # fp32 T-scaled student and teacher, log-softmaxes, exp and difference
 LOGITS_TAYLOR = BF16 + LOGITS_CE
+
+
+def dtype_bytes(dtype) -> int:
+    """Bytes per element of a floating dtype given as a torch dtype or a name ("bfloat16", "bf16", "float32", ...)."""
+    name = str(dtype).removeprefix("torch.").lower()
+    sizes = {"bfloat16": BF16, "bf16": BF16, "float16": BF16, "fp16": BF16, "half": BF16,
+             "float32": FP32, "fp32": FP32, "float": FP32}
+    if name not in sizes:
+        raise HarnessError(f"memory estimates cover bfloat16, float16 and float32 weights, not {dtype}")
+    return sizes[name]
 
 
 class MemoryEstimate(NamedTuple):
@@ -179,79 +193,105 @@ def _norms(shape: ModelShape) -> int:
     return 1 if shape.family == "phi" else 2
 
 
-def layer_activation_bytes(shape: ModelShape, layer: LayerShape, lora_r: int = 0) -> int:
-    """Bytes one decoder layer keeps for backward, per token (see the module docstring)."""
+def layer_activation_bytes(shape: ModelShape, layer: LayerShape, lora_r: int = 0, act: int = BF16) -> int:
+    """Bytes one decoder layer keeps for backward, per token (see the module docstring); `act`: activation bytes."""
     h = shape.hidden
-    norms = _norms(shape) * (FP32 * h + BF16 * h)
-    attn = BF16 * (layer.q_width + 2 * layer.kv_width) + BF16 * layer.q_width + FP32 * layer.heads
-    mlp = BF16 * layer.intermediate * 4
+    norms = _norms(shape) * (FP32 * h + act * h)
+    attn = act * (layer.q_width + 2 * layer.kv_width) + act * layer.q_width + FP32 * layer.heads
+    mlp = act * layer.intermediate * 4
     dropout = 2 * h if shape.family == "phi" else 0
     lora = sum(5 * i + FP32 * lora_r for i, _ in layer.linears) if lora_r else 0
     return norms + attn + mlp + dropout + lora
 
 
-def layer_inference_bytes(shape: ModelShape, layer: LayerShape) -> int:
+def layer_inference_bytes(shape: ModelShape, layer: LayerShape, act: int = BF16) -> int:
     """Bytes per token alive while one layer runs without gradients (input, norm, q/k/v, output, MLP)."""
     h = shape.hidden
-    return BF16 * (3 * h + 2 * layer.q_width + 2 * layer.kv_width + 2 * layer.intermediate) + FP32 * h
+    return act * (3 * h + 2 * layer.q_width + 2 * layer.kv_width + 2 * layer.intermediate) + FP32 * h
 
 
 def _max_layer(shape: ModelShape, per_token) -> int:
     return max((per_token(layer) for layer in shape.layers), default=0)
 
 
-def _vision_transient(shape: ModelShape, batch: int) -> int:
-    return batch * shape.image_tokens * (8 * shape.vision_hidden + 4 * shape.vision_intermediate)
+def _vision_transient(shape: ModelShape, batch: int, act: int = BF16) -> int:
+    return batch * shape.image_tokens * (8 * shape.vision_hidden + 4 * shape.vision_intermediate) * act // BF16
 
 
-def _finish(parts: dict) -> MemoryEstimate:
+def _finish(parts: dict, cuda: bool = True) -> MemoryEstimate:
     parts = {k: int(v) for k, v in parts.items() if v}
     subtotal = sum(parts.values())
-    parts["overhead (CUDA context, fragmentation)"] = int(CUDA_CONTEXT + FRAGMENTATION * subtotal)
+    if cuda:
+        parts["overhead (CUDA context, fragmentation)"] = int(CUDA_CONTEXT + FRAGMENTATION * subtotal)
+    else:
+        parts["overhead (fragmentation)"] = int(FRAGMENTATION * subtotal)
     return MemoryEstimate(sum(parts.values()), parts)
 
 
 # --- importance estimation -----------------------------------------------------------------------
 
 
-def estimate_importance_memory(config, method: str, batch_size: int = 1, seq_len: int = 512) -> MemoryEstimate:
-    """Peak memory of scoring `method` on the model of `config` (bf16), B = batch_size, T = seq_len."""
+def estimate_importance_memory(config, method: str, batch_size: int = 1, seq_len: int = 512,
+                               dtype="bfloat16", device: str = "cuda") -> MemoryEstimate:
+    """Peak memory of scoring `method` on the model of `config` (a config or a built model), B = batch_size,
+    T = seq_len, weights in `dtype` (bf16 by default, as on the paper's GPUs) on `device` ("cuda" adds the
+    CUDA context; on "cpu" the runtime's own memory is not counted)."""
     from harness.pruning.importance import check_method
 
     check_method(method)
     _check_sizes(batch_size, seq_len)
+    act = dtype_bytes(dtype)
+    kind = "bf16" if act == BF16 else "fp32"
     s = model_shape(config)
     tokens = batch_size * seq_len
     logits = tokens * s.vocab
     n_bounds = len(s.layers) + 1
-    parts = {"weights (bf16)": BF16 * s.total_params}
-    infer = tokens * _max_layer(s, lambda layer: layer_inference_bytes(s, layer))
+    parts = {f"weights ({kind})": act * s.total_params}
+    infer = tokens * _max_layer(s, lambda layer: layer_inference_bytes(s, layer, act))
+    vision = _vision_transient(s, batch_size, act)
     if method in ("layer-bi", "layer-angular"):
-        parts["layer boundary states (bf16 + fp32)"] = n_bounds * tokens * s.hidden * (BF16 + FP32)
+        parts[f"layer boundary states ({kind} + fp32)"] = n_bounds * tokens * s.hidden * (act + FP32)
         if method == "layer-angular":
             parts["normalised fp32 stack"] = n_bounds * tokens * s.hidden * 2 * FP32
         parts["one layer's activations"] = infer
-        parts["logits (bf16)"] = BF16 * logits
-        parts["vision forward (transient)"] = _vision_transient(s, batch_size)
+        parts[f"logits ({kind})"] = act * logits
+        parts["vision forward (transient)"] = vision
     elif method == "layer-loss":
         parts["one layer's activations"] = infer
-        parts["logits and loss temporaries"] = 10 * logits
-        parts["vision forward (transient)"] = _vision_transient(s, batch_size)
+        parts["logits and loss temporaries"] = (10 - BF16 + act) * logits
+        parts["vision forward (transient)"] = vision
     elif method == "width-taylor":
-        parts["decoder-linear gradients (bf16)"] = BF16 * s.decoder_linear_params
+        parts[f"decoder-linear gradients ({kind})"] = act * s.decoder_linear_params
         parts["activations (all layers, no checkpointing)"] = tokens * sum(
-            layer_activation_bytes(s, layer) for layer in s.layers) + tokens * 6 * s.hidden
-        parts["logits, loss and its gradient"] = LOGITS_TAYLOR * logits
+            layer_activation_bytes(s, layer, act=act) for layer in s.layers) + tokens * (FP32 + act) * s.hidden
+        # fp32 logits need no fp32 upcast for the loss
+        parts["logits, loss and its gradient"] = (act + LOGITS_CE - (FP32 if act == FP32 else 0)) * logits
         parts["|W * grad| fp32 temporaries"] = 3 * FP32 * s.largest_linear
-        parts["vision forward (transient)"] = _vision_transient(s, batch_size)
+        parts["vision forward (transient)"] = vision
     elif method == "width-activation":
         parts["one layer's activations"] = infer
         parts["fp32 hook temporaries"] = tokens * FP32 * 2 * _max_layer(s, lambda layer: layer.intermediate)
-        parts["logits (bf16)"] = BF16 * logits
-        parts["vision forward (transient)"] = _vision_transient(s, batch_size)
+        parts[f"logits ({kind})"] = act * logits
+        parts["vision forward (transient)"] = vision
     else:  # width-magnitude: weights and one fp32 square of the largest linear
         parts["fp32 temporaries"] = 2 * FP32 * s.largest_linear
-    return _finish(parts)
+    return _finish(parts, cuda=str(device).startswith("cuda"))
+
+
+def importance_estimate_line(model: nn.Module, method: str, batch_size: int, seq_len: int) -> str:
+    """What `harness prune` prints before scoring: the estimate for this model's dtype and device."""
+    param = next(model.parameters())
+    est = estimate_importance_memory(model, method, batch_size, seq_len, param.dtype, param.device.type)
+    return (f"importance memory estimate ({method}, batch {batch_size} x {seq_len} tokens, "
+            f"{str(param.dtype).removeprefix('torch.')} on {param.device.type}): {describe_bytes(est)}")
+
+
+def describe_bytes(est: MemoryEstimate, top: int = 4) -> str:
+    """Like `MemoryEstimate.describe` but in MB below 1 GB (embedded and mid-size models)."""
+    if est.total >= GB:
+        return est.describe(top)
+    parts = sorted(((v, k) for k, v in est.breakdown.items() if v >= 0.05 * est.total), reverse=True)[:top]
+    return f"{est.total / 1e6:.0f} MB (" + ", ".join(f"{k} {v / 1e6:.0f}" for v, k in parts) + ")"
 
 
 # --- recovery ------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from harness.errors import HarnessError
 from harness.models.flops import DEFAULT_CONTEXT
+from harness.models.memory import importance_estimate_line
 from harness.pruning.apply import apply_pruning, check_layer_settings
 from harness.pruning.checkpoint import check_output_dir, save_pruned
 from harness.pruning.importance import (
@@ -52,6 +53,7 @@ def prune(model, method: str, ratio: float, out: str | Path, *, processor=None, 
     if needs_calibration(method):
         n = calib_samples if calib_samples is not None else DEFAULT_CALIB_SAMPLES[method]
         calib = calibration_set(data, n, calib_seed, batch_size, max_length)
+        print(importance_estimate_line(model, method, batch_size, max_length), flush=True)
     importance = cached_importance(model, processor, method, calib, importance_dir, fingerprint)
     pruned, info = apply_pruning(model, importance, ratio, context=context, **settings)
     save_pruned(pruned, processor, info, out)

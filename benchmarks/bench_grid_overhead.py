@@ -1,0 +1,82 @@
+"""Grid overhead of the latest grid run, collected from what the run left behind (nothing is run here).
+
+`harness grid run` prints `grid_overhead` = (wall - compute) / wall, where compute is the sum of
+the stages' own seconds and wall counts spec loading, planning and results writing too. That
+printed summary is not stored, so this script reads the stage log every run appends to,
+`artifacts/grid/runs.jsonl` (one line per computed stage: key, kind, pid, seconds, end time
+to the second), takes the latest run (the process of the last line), and computes
+
+    between-stage overhead = (span - sum of stage seconds) / span,
+
+span = last stage's end - first stage's start. It is a lower bound of the printed figure
+(start-up before the first stage and results writing after the last are outside the span),
+good to about 2 s / span (the end times have one-second resolution). Without a stage log the
+benchmark is skipped.
+
+    .venv/bin/python benchmarks/bench_grid_overhead.py [--log artifacts/grid/runs.jsonl] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_LOG = REPO / "artifacts" / "grid" / "runs.jsonl"
+
+
+def latest_run(lines: list[dict]) -> list[dict]:
+    """The stage records of the process that wrote the last line."""
+    pid = lines[-1]["pid"]
+    return [r for r in lines if r["pid"] == pid]
+
+
+def overhead(records: list[dict]) -> dict:
+    ends = [datetime.fromisoformat(r["time"]).timestamp() for r in records]
+    start = min(end - r["seconds"] for end, r in zip(ends, records, strict=True))
+    span = max(ends) - start
+    compute = sum(r["seconds"] for r in records)
+    return {"stages": len(records), "kinds": dict(Counter(r["kind"] for r in records)), "span_s": round(span, 1),
+            "compute_s": round(compute, 1), "raw_between_stage_overhead": round((span - compute) / span, 4) if span else 0.0,
+            "between_stage_overhead": round(max(span - compute, 0.0) / span, 4)
+            if span > 0 else 0.0, "resolution": round(2 / span, 4) if span > 0 else None,
+            "first_stage_end": records[0]["time"], "last_stage_end": records[-1]["time"], "pid": records[-1]["pid"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--log", type=Path, default=DEFAULT_LOG)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    lines = []
+    if args.log.exists():
+        for raw in args.log.read_text().splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except ValueError:
+                continue  # a line cut short by a killed run
+    lines = [r for r in lines if {"pid", "seconds", "time", "kind"} <= set(r)]
+    if not lines:
+        reason = f"no grid stage log at {args.log} (run `harness grid run SPEC` first)"
+        print(f"SKIPPED: {reason}")
+        return write_result(args.json, "grid_overhead", {}, {}, status="skipped", reason=reason)
+    run = overhead(latest_run(lines))
+    print(f"latest grid run (pid {run['pid']}, {run['stages']} stages {run['kinds']}, "
+          f"{run['first_stage_end']} .. {run['last_stage_end']}): span {run['span_s']} s, "
+          f"stage compute {run['compute_s']} s, between-stage overhead {run['between_stage_overhead']:.4f} "
+          f"(+/- {run['resolution']}; a lower bound of the printed grid_overhead)")
+    key = "grid_between_stage_overhead"
+    return write_result(args.json, "grid_overhead", {key: run["between_stage_overhead"]},
+                        {key: "<= 0.05 (a lower bound of the grid_overhead `harness grid run` prints)"},
+                        {"log": str(args.log), "latest_run": run})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,477 @@
+"""Inference speedup of pruned models against the unpruned one, next to the speedup their MACs promise.
+
+Model: a mid-size LLaVA-shaped model built by the harness's own builder
+(`build_embedded("tiny-llava", scale=MID_SIZE)`: the small CLIP tower and projector of
+tiny-llava, a Llama language model with hidden 768, 12 layers, 12 heads, MLP 3072,
+113M LM parameters; random weights). Pruned copies come from the normal pruning API,
+`apply_pruning`: layer pruning with random layer scores (Block Influence needs data; which
+layers go does not change the speed) and `width-magnitude` (needs no data) with
+`round_to`, at 15/30/45 % of LM parameters.
+
+What is timed: the language model through the LLaVA wrapper (`model(input_ids=...)`,
+embeddings, decoder, final norm, LM head; text tokens only: the vision tower runs once per
+image and is never pruned), under `torch.inference_mode`, fp32, with a fixed number of
+torch threads (1 by default: on a 2-core machine shared with other jobs, one thread is the
+reproducible setting).
+- prefill: one forward of a `--prompt`-token prompt with a fresh KV cache, batch 1 and 8;
+- decode: `--steps` cached single-token forwards after a `--prompt`-token prompt (the cache
+  is cropped back to the prompt before every repetition), batch 1 and 8.
+
+Method: all models live in one process; each round times every model once, in an order
+rotated every round, so slow phases of a contended machine hit all models alike. The
+figure per model is its fastest round (other load only ever adds time); the median of
+per-round paired ratios is kept beside it as a check. Two clocks are read around every call:
+the process's CPU time (the headline: with one thread all the work runs on the calling thread,
+so it is what the work costs on a core, without the time the OS gives other jobs) and wall time.
+
+Ideal speedup = language-model MACs before / after for exactly the timed work
+(`harness.models.flops.lm_macs_for_tokens`: linears + attention scores at the real context
+lengths); the batch size cancels. `efficiency` = achieved speedup / ideal speedup.
+
+Diagnostics, to explain what falls short: width-pruned variants without rounding
+(`--compare-round-to 1` at `--compare-ratios 0.3`); one layer's MLP GEMMs at the width each
+round_to gives (`round_to_sweep`); at decode batch 1 the LM's linear layers alone, timed in
+the same rounds, which splits each model's time into the part MACs describe and the rest;
+and a fit of time against the number of layers over the layer-pruned models (`layer_fit`).
+
+    .venv/bin/python benchmarks/bench_inference.py [--json results/bench/inference.json]
+        [--threads 1] [--rounds 5] [--prompt 128] [--steps 16] [--round-to 64] [--ratios 0.15,0.3,0.45]
+        [--modes prefill:1,prefill:8,decode:1,decode:8] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+from _common import machine_info, write_result  # noqa: E402
+from torch import nn  # noqa: E402
+
+# Llama-7B-like proportions at 1/5.3 of the width: hidden 768 (12 heads of 64), MLP 4x hidden.
+MID_SIZE = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                num_key_value_heads=12, max_position_embeddings=1024)
+GOALS = {"layer": 0.95, "width": 0.90}
+MODES = (("prefill", 1), ("prefill", 8), ("decode", 1), ("decode", 8))
+# The headline clock. With one torch thread all the work runs on the calling thread, so the process's CPU time
+# is the time the work takes on a core, without the time the OS gives other jobs' processes (wall time on a
+# contended machine mixes both). Wall-clock figures are kept beside it in every row.
+PRIMARY_CLOCK = "cpu"
+
+
+@dataclass
+class Variant:
+    """One model under test: the baseline or a pruned copy with its pruning record."""
+
+    name: str
+    kind: str  # "base" | "layer" | "width"
+    model: nn.Module
+    ratio: float = 0.0
+    info: dict = field(default_factory=dict)
+
+
+def build_base(scale: dict | None = None, seed: int = 0) -> tuple[nn.Module, object]:
+    """The unpruned model (eval mode, fp32) and its processor."""
+    from harness.models.embedded import build_embedded
+
+    model, processor = build_embedded("tiny-llava", seed=seed, scale=dict(MID_SIZE, **(scale or {})))
+    return model.eval(), processor
+
+
+def layer_variant(model: nn.Module, ratio: float, seed: int = 0) -> Variant:
+    """Layer pruning through `apply_pruning`, from random Block-Influence-style layer scores."""
+    from harness.models.adapter import LMAdapter
+    from harness.pruning import Importance, apply_pruning
+
+    n = len(LMAdapter(model).layers)
+    scores = torch.rand(n, generator=torch.Generator().manual_seed(seed))
+    pruned, info = apply_pruning(model, Importance("layer-bi", {"layer": scores}), ratio)
+    return Variant(f"layer {ratio:.0%}", "layer", pruned.eval(), ratio, info)
+
+
+def width_variant(model: nn.Module, ratio: float, round_to: int, importance=None) -> Variant:
+    """Width pruning with `width-magnitude` scores (no data needed) and `round_to`."""
+    from harness.pruning import apply_pruning, compute_importance
+
+    importance = importance or compute_importance(model, None, "width-magnitude", None)
+    pruned, info = apply_pruning(model, importance, ratio, round_to=round_to)
+    suffix = f" r{round_to}" if round_to > 1 else " r1"
+    return Variant(f"width {ratio:.0%}{suffix}", "width", pruned.eval(), ratio, info)
+
+
+def variants(base: nn.Module, ratios, round_to: int, extra_round_to: tuple[int, ...] = (),
+             extra_ratios=()) -> list[Variant]:
+    """Baseline, layer-pruned and width-pruned models, plus width at other `round_to` values at `extra_ratios`."""
+    from harness.pruning import compute_importance
+
+    out = [Variant("base", "base", base)]
+    out += [layer_variant(base, r) for r in ratios]
+    magnitude = compute_importance(base, None, "width-magnitude", None)
+    out += [width_variant(base, r, round_to, magnitude) for r in ratios]
+    for extra in extra_round_to:
+        out += [width_variant(base, r, extra, magnitude) for r in extra_ratios]
+    return out
+
+
+def widths(model: nn.Module) -> dict:
+    """Layers, query width and MLP width of the first layer (uniform pruning keeps them equal)."""
+    from harness.models.adapter import LMAdapter
+
+    a = LMAdapter(model)
+    (q, _, _), _ = a.attn_linears(a.layers[0])
+    return {"layers": len(a.layers), "q_width": q.out_features, "mlp_width": a.mlp_linears(a.layers[0])[1].in_features}
+
+
+# --- ideal speedups ------------------------------------------------------------------------------
+
+
+def work_macs(model: nn.Module, mode: str, prompt: int, steps: int) -> int:
+    """LM MACs of the timed work at batch 1: a prefill of `prompt` tokens, or `steps` decode steps after it."""
+    from harness.models.flops import lm_macs_for_tokens
+
+    if mode == "prefill":
+        return lm_macs_for_tokens(model, prompt)
+    return lm_macs_for_tokens(model, steps, past=prompt)
+
+
+def ideal_speedup(base: nn.Module, pruned: nn.Module, mode: str, prompt: int, steps: int) -> float:
+    return work_macs(base, mode, prompt, steps) / work_macs(pruned, mode, prompt, steps)
+
+
+# --- the timed work ------------------------------------------------------------------------------
+
+
+def _tokens(model: nn.Module, batch: int, length: int, seed: int) -> torch.Tensor:
+    """Random ordinary token ids (never the image token)."""
+    vocab = model.config.text_config.vocab_size
+    image = model.config.image_token_index
+    ids = torch.randint(5, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return torch.where(ids == image, torch.full_like(ids, 5), ids)
+
+
+def prefill_runner(model: nn.Module, batch: int, prompt: int, seed: int = 0):
+    """A callable running one prefill forward (fresh KV cache); returns the logits."""
+    ids = _tokens(model, batch, prompt, seed)
+
+    def run():
+        return model(input_ids=ids, use_cache=True).logits
+
+    return run
+
+
+def decode_runner(model: nn.Module, batch: int, prompt: int, steps: int, seed: int = 0):
+    """A callable running `steps` cached single-token forwards after a (pre-computed) prompt; returns the last logits."""
+    ids = _tokens(model, batch, prompt, seed)
+    step_ids = _tokens(model, batch, steps, seed + 1)
+    with torch.inference_mode():
+        cache = model(input_ids=ids, use_cache=True).cache
+
+    def run():
+        cache.crop(prompt - cache.get_seq_length())  # transformers 5: a negative count of tokens to drop
+        logits = None
+        for i in range(steps):
+            logits = model(input_ids=step_ids[:, i:i + 1], cache=cache, use_cache=True).logits
+        return logits
+
+    return run
+
+
+def runner(model: nn.Module, mode: str, batch: int, prompt: int, steps: int):
+    if mode == "prefill":
+        return prefill_runner(model, batch, prompt)
+    return decode_runner(model, batch, prompt, steps)
+
+
+def linear_runner(model: nn.Module, batch: int, tokens: int, calls: int, seed: int = 0):
+    """A callable running only the LM's linear layers (decoder linears + LM head) on [batch, tokens] inputs, `calls`
+    times: the part of the work that MACs count, without attention, norms, cache updates or Python module overhead."""
+    from harness.models.adapter import LMAdapter
+
+    a = LMAdapter(model)
+    linears = [m for m in a.decoder.modules() if isinstance(m, nn.Linear)] + [a.lm_head]
+    g = torch.Generator().manual_seed(seed)
+    inputs = [torch.randn(batch, tokens, lin.in_features, generator=g, dtype=lin.weight.dtype) for lin in linears]
+
+    def run():
+        for _ in range(calls):
+            for lin, x in zip(linears, inputs, strict=True):
+                lin(x)
+
+    return run
+
+
+def interleaved_times(runs: dict, rounds: int, warmup: int = 1) -> dict[str, dict[str, list[float]]]:
+    """Per clock ("cpu": process CPU time, "wall"), seconds of each callable per round.
+
+    Every round runs each callable once, in an order rotated each round.
+    """
+    names = list(runs)
+    times = {"cpu": {name: [] for name in names}, "wall": {name: [] for name in names}}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for name in names:
+                runs[name]()
+        for r in range(rounds):
+            gc.collect()
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                gc.disable()
+                cpu, wall = time.process_time(), time.perf_counter()
+                runs[name]()
+                times["wall"][name].append(time.perf_counter() - wall)
+                times["cpu"][name].append(time.process_time() - cpu)
+                gc.enable()
+    return times
+
+
+def summarise(base: Variant, variant: Variant, times: dict, mode: str, batch: int, prompt: int, steps: int) -> dict:
+    """Achieved speedup (fastest round against fastest round) on both clocks, the ideal speedup and their ratios."""
+    ideal = ideal_speedup(base.model, variant.model, mode, prompt, steps)
+    tokens = batch * (prompt if mode == "prefill" else steps)
+    row = {"variant": variant.name, "kind": variant.kind, "mode": mode, "batch": batch,
+           "ratio_requested": variant.ratio, "ratio_achieved": variant.info.get("ratio_achieved"),
+           "ideal_speedup": ideal, "rounds": len(times["cpu"][variant.name])}
+    for clock in ("cpu", "wall"):
+        t_base, t_var = times[clock][base.name], times[clock][variant.name]
+        achieved = min(t_base) / min(t_var)
+        paired = statistics.median(b / v for b, v in zip(t_base, t_var, strict=True))
+        row[clock] = {"base_ms": 1000 * min(t_base), "pruned_ms": 1000 * min(t_var),
+                      "base_ms_per_token": 1000 * min(t_base) / tokens, "pruned_ms_per_token": 1000 * min(t_var) / tokens,
+                      "achieved_speedup": achieved, "efficiency": achieved / ideal,
+                      "paired_median_speedup": paired, "paired_median_efficiency": paired / ideal,
+                      "spread_base": max(t_base) / min(t_base), "spread_pruned": max(t_var) / min(t_var)}
+    row["efficiency"] = row[PRIMARY_CLOCK]["efficiency"]
+    lin_base, lin_var = f"{base.name} [linears]", f"{variant.name} [linears]"
+    if lin_var in times[PRIMARY_CLOCK]:
+        from harness.models.flops import lm_linear_macs
+
+        t = times[PRIMARY_CLOCK]
+        total_b, total_v = min(t[base.name]), min(t[variant.name])
+        linear_b, linear_v = min(t[lin_base]), min(t[lin_var])
+        ideal_linear = lm_linear_macs(base.model) / lm_linear_macs(variant.model)
+        row["decomposition"] = {
+            "clock": PRIMARY_CLOCK, "base_linear_ms": 1000 * linear_b, "pruned_linear_ms": 1000 * linear_v,
+            "base_rest_ms": 1000 * (total_b - linear_b), "pruned_rest_ms": 1000 * (total_v - linear_v),
+            "rest_share_base": (total_b - linear_b) / total_b,
+            "linear_speedup": linear_b / linear_v, "linear_ideal_speedup": ideal_linear,
+            "linear_efficiency": linear_b / linear_v / ideal_linear,
+            "rest_speedup": (total_b - linear_b) / max(total_v - linear_v, 1e-9),
+        }
+    return row
+
+
+def bench(all_variants: list[Variant], modes=MODES, prompt: int = 128, steps: int = 32, rounds: int = 5,
+          rounds_for=None, decompose=(("decode", 1),), log=print) -> list[dict]:
+    """Time every mode on every variant (interleaved) and summarise each pruned variant against the baseline.
+
+    In the `decompose` modes the linear layers alone are timed too (same rounds), which splits each
+    model's time into the part MACs describe and the rest.
+    """
+    base = all_variants[0]
+    rows = []
+    for mode, batch in modes:
+        runs = {v.name: runner(v.model, mode, batch, prompt, steps) for v in all_variants}
+        if (mode, batch) in decompose:
+            tokens, calls = (prompt, 1) if mode == "prefill" else (1, steps)
+            runs.update({f"{v.name} [linears]": linear_runner(v.model, batch, tokens, calls) for v in all_variants})
+        n = rounds_for(mode, batch) if rounds_for else rounds
+        start = time.perf_counter()
+        # no warm-up round for the expensive batch-8 prefill: the fastest of >= 3 rounds already drops a cold first one
+        times = interleaved_times(runs, n, warmup=0 if (mode, batch) == ("prefill", 8) and n >= 3 else 1)
+        log(f"-- {mode} batch {batch}: {n} rounds in {time.perf_counter() - start:.0f} s; baseline fastest "
+            f"{1000 * min(times['cpu'][base.name]):.1f} ms CPU, {1000 * min(times['wall'][base.name]):.1f} ms wall")
+        for v in all_variants[1:]:
+            row = summarise(base, v, times, mode, batch, prompt, steps)
+            rows.append(row)
+            c, w = row["cpu"], row["wall"]
+            log(f"   {v.name:14s} ideal {row['ideal_speedup']:5.3f} | CPU {c['pruned_ms']:8.1f} ms speedup "
+                f"{c['achieved_speedup']:5.3f} eff {c['efficiency']:5.3f} (paired {c['paired_median_efficiency']:5.3f}) "
+                f"| wall speedup {w['achieved_speedup']:5.3f} eff {w['efficiency']:5.3f} "
+                f"(paired {w['paired_median_efficiency']:5.3f}, spread {w['spread_pruned']:4.2f})")
+            if "decomposition" in row:
+                d = row["decomposition"]
+                log(f"   {'':14s} linears {d['base_linear_ms']:.1f} -> {d['pruned_linear_ms']:.1f} ms (eff "
+                    f"{d['linear_efficiency']:5.3f}), rest {d['base_rest_ms']:.1f} -> {d['pruned_rest_ms']:.1f} ms "
+                    f"({d['rest_share_base']:.0%} of the baseline)")
+        del runs
+        gc.collect()
+    return rows
+
+
+def round_to_sweep(base: nn.Module, ratio: float = 0.3, round_tos=(1, 8, 32, 64), tokens=(1, 128, 1024),
+                   rounds: int = 4) -> list[dict]:
+    """Why `round_to`: one layer's MLP GEMMs (gate, up, down; random weights) at the width each `round_to` gives
+    at `ratio`, against the unpruned width, per token count. efficiency = speedup / (width ratio)."""
+    from harness.models.adapter import LMAdapter
+    from harness.pruning.plan import lm_shape, parse_layers, plan_width
+
+    shape = lm_shape(base)
+    hidden = LMAdapter(base).config.hidden_size
+    full = shape.channels[0]
+    every = parse_layers(None, shape.num_layers, "layers")
+    widths = {"base": full}
+    for r in round_tos:
+        widths[f"r{r}"] = full - plan_width(shape, ratio, every, every, False, r).channels_removed
+    out = []
+    for m in tokens:
+        runs = {}
+        for label, width in widths.items():
+            g = torch.Generator().manual_seed(width)
+            x, xi = torch.randn(m, hidden, generator=g), torch.randn(m, width, generator=g)
+            w_in = [torch.randn(width, hidden, generator=g) for _ in range(2)]
+            w_out = torch.randn(hidden, width, generator=g)
+
+            def run(x=x, xi=xi, w_in=w_in, w_out=w_out):
+                for w in w_in:
+                    torch.nn.functional.linear(x, w)
+                torch.nn.functional.linear(xi, w_out)
+
+            runs[label] = run
+        reps = max(2, rounds if m >= 1024 else 3 * rounds)
+        t = interleaved_times(runs, reps)[PRIMARY_CLOCK]
+        for label, width in widths.items():
+            if label == "base":
+                continue
+            speedup = min(t["base"]) / min(t[label])
+            out.append({"tokens": m, "round_to": int(label[1:]), "mlp_width": width, "base_width": full,
+                        "speedup": speedup, "ideal_speedup": full / width, "efficiency": speedup * width / full})
+    return out
+
+
+def layer_fit(rows: list[dict], all_variants: list[Variant]) -> dict:
+    """Per mode: least-squares fit of the fastest time per call against the number of decoder layers, over the
+    baseline and the layer-pruned models. The intercept is the per-call cost that no layer carries (embeddings,
+    LM head, final norm, masks, the wrapper's Python): what layer pruning cannot remove."""
+    layers = {v.name: bi_layers(v.model) for v in all_variants}
+    fits = {}
+    for key in sorted({(r["mode"], r["batch"]) for r in rows}):
+        mine = [r for r in rows if (r["mode"], r["batch"]) == key and r["kind"] == "layer"]
+        if not mine:
+            continue
+        points = [(layers["base"], mine[0][PRIMARY_CLOCK]["base_ms"])]
+        points += [(layers[r["variant"]], r[PRIMARY_CLOCK]["pruned_ms"]) for r in mine]
+        n = len(points)
+        mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+        sxx = sum((x - mx) ** 2 for x, _ in points)
+        slope = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else float("nan")
+        intercept = my - slope * mx
+        fits[f"{key[0]}_b{key[1]}"] = {"ms_per_layer": slope, "ms_fixed": intercept,
+                                       "fixed_share_of_base": intercept / points[0][1], "points": points}
+    return fits
+
+
+def bi_layers(model: nn.Module) -> int:
+    return widths(model)["layers"]
+
+
+def headline(rows: list[dict], round_to: int, sweep: list[dict] | None = None) -> tuple[dict, dict]:
+    """Per (kind, mode, batch): the worst efficiency over the ratios, on the headline clock (held to the goal)
+    and on the wall clock (information); then the `round_to` comparisons (information)."""
+    ratios, goals = {}, {}
+    for clock in (PRIMARY_CLOCK, "wall"):
+        for row in rows:
+            if row["kind"] == "width" and not row["variant"].endswith(f" r{round_to}"):
+                continue
+            key = f"{row['kind']}_{row['mode']}_b{row['batch']}_efficiency" + ("" if clock == PRIMARY_CLOCK else "_wall")
+            ratios[key] = round(min(ratios.get(key, float("inf")), row[clock]["efficiency"]), 4)
+            goals[key] = (f">= {GOALS[row['kind']]} (achieved / ideal speedup, {clock} time, worst of the ratios)"
+                          if clock == PRIMARY_CLOCK else "information: wall clock on a contended machine")
+    for row in rows:
+        if row["kind"] == "width" and not row["variant"].endswith(f" r{round_to}") and row["mode"] == "prefill":
+            key = f"width_{row['variant'].split()[1].rstrip('%')}pct_{row['variant'].split()[2]}_" \
+                  f"{row['mode']}_b{row['batch']}_efficiency"
+            ratios[key] = round(row["efficiency"], 4)
+            goals[key] = f"information: same ratio without rounding widths (compare with round_to={round_to})"
+    for row in sweep or []:
+        if row["tokens"] == max(r["tokens"] for r in sweep) and row["round_to"] in (1, round_to):
+            key = f"mlp_gemm_{row['tokens']}tok_r{row['round_to']}_efficiency"
+            ratios[key] = round(row["efficiency"], 4)
+            goals[key] = f"information: one layer's MLP GEMMs at width {row['mlp_width']} vs {row['base_width']}"
+    return ratios, goals
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (fixed for the whole run)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per mode (fastest round counts)")
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill length, decode context)")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps per repetition")
+    parser.add_argument("--ratios", default="0.15,0.3,0.45")
+    parser.add_argument("--round-to", type=int, default=64, help="width pruning keeps MLP widths multiples of N")
+    parser.add_argument("--compare-round-to", default="1",
+                        help="also width-prune with these round_to values (comma list, '' for none) for comparison")
+    parser.add_argument("--compare-ratios", default="0.3", help="ratios of the --compare-round-to variants")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the MLP GEMM sweep over round_to values")
+    parser.add_argument("--modes", default="prefill:1,prefill:8,decode:1,decode:8", help="MODE:BATCH list")
+    parser.add_argument("--quick", action="store_true", help="4-layer model, 2 rounds: a smoke run")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    extra = tuple(int(r) for r in args.compare_round_to.split(",") if r.strip() and int(r) != args.round_to)
+    scale = {"num_hidden_layers": 4} if args.quick else None
+    rounds = 2 if args.quick else args.rounds
+    t0 = time.perf_counter()
+    base, _ = build_base(scale)
+    from harness.models.adapter import LMAdapter
+
+    lm_params = LMAdapter(base).lm_parameters()
+    compare_ratios = [float(r) for r in args.compare_ratios.split(",") if r.strip()]
+    all_variants = variants(base, ratios, args.round_to, extra, compare_ratios)
+    print(f"mid-size LLaVA: LM {lm_params / 1e6:.1f}M parameters, {widths(base)}; {len(all_variants) - 1} pruned "
+          f"variants built in {time.perf_counter() - t0:.0f} s; {args.threads} thread(s), prompt {args.prompt}, "
+          f"{args.steps} decode steps, {rounds} rounds")
+    for v in all_variants[1:]:
+        print(f"   {v.name:14s} removed {v.info['ratio_achieved']:.3f} of LM params, {widths(v.model)}")
+
+    def rounds_for(mode: str, batch: int) -> int:
+        if args.quick:
+            return rounds
+        if (mode, batch) == ("prefill", 8):  # the expensive one: fewer rounds, still >= 3
+            return max(3, rounds - 2)
+        if (mode, batch) == ("decode", 1):  # cheap, and the most sensitive to memory-bandwidth contention
+            return rounds + 3
+        return rounds
+
+    modes = [(m.split(":")[0], int(m.split(":")[1])) for m in args.modes.split(",")]
+    rows = bench(all_variants, modes, args.prompt, args.steps, rounds, rounds_for)
+    sweep = []
+    if not args.no_sweep:
+        start = time.perf_counter()
+        sweep = round_to_sweep(base, 0.3, tuple(sorted({1, 8, 32, args.round_to})),
+                               (1, 128) if args.quick else (1, 128, 1024), 2 if args.quick else 4)
+        print(f"-- MLP GEMMs of one layer at 30 % by round_to ({time.perf_counter() - start:.0f} s): "
+              + "; ".join(f"{r['tokens']} tok r{r['round_to']} (width {r['mlp_width']}) eff {r['efficiency']:.3f}"
+                          for r in sweep))
+    ratios_out, goals = headline(rows, args.round_to, sweep)
+    fits = layer_fit(rows, all_variants)
+    for key, fit in fits.items():
+        print(f"-- {key}: time per call ~ {fit['ms_fixed']:.1f} ms + {fit['ms_per_layer']:.1f} ms x layers "
+              f"(fixed part {fit['fixed_share_of_base']:.1%} of the baseline)")
+    details = {
+        "model": {"builder": "harness.models.embedded.build_embedded('tiny-llava', scale=MID_SIZE)",
+                  "scale": dict(MID_SIZE, **(scale or {})), "lm_params": lm_params, **widths(base)},
+        "timing": {"threads": args.threads, "rounds": rounds, "prompt": args.prompt, "decode_steps": args.steps,
+                   "dtype": "float32", "what": "LM forward through the LLaVA wrapper, text tokens only",
+                   "statistic": "fastest round per model, rounds interleaved"},
+        "round_to": args.round_to, "compared_round_to": list(extra), "compared_ratios": compare_ratios,
+        "round_to_sweep": sweep, "layer_fit": fits,
+        "variants": {v.name: {"ratio_achieved": v.info["ratio_achieved"], **widths(v.model)} for v in all_variants[1:]},
+        "rows": rows, "wall_s": time.perf_counter() - t0,
+    }
+    result = write_result(args.json, "inference", ratios_out, goals, details)
+    print(f"machine: {machine_info().get('cpu_model', '?')}, {args.threads} thread(s); total {details['wall_s']:.0f} s")
+    for key, value in ratios_out.items():
+        print(f"{key:45s} {value:6.3f}   goal {goals[key]}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

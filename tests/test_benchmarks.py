@@ -1,0 +1,163 @@
+"""The benchmark scripts' bookkeeping on a tiny model: MAC ratios, shapes, summaries, tables (no timing goals)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.models.flops import attention_score_macs, lm_linear_macs, lm_macs_for_tokens, lm_macs_per_token
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_inference as bi  # noqa: E402
+import run_all  # noqa: E402
+
+TINY = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    base, _ = bi.build_base(TINY)
+    return base
+
+
+@pytest.fixture(scope="module")
+def tiny_variants(tiny):
+    return bi.variants(tiny, [0.3], round_to=16, extra_round_to=(1,), extra_ratios=[0.3])
+
+
+def test_macs_for_tokens_sums_per_token_macs(tiny):
+    assert lm_macs_for_tokens(tiny, 5) == sum(lm_macs_per_token(tiny, context=t) for t in range(1, 6))
+    assert lm_macs_for_tokens(tiny, 3, past=7) == sum(lm_macs_per_token(tiny, context=7 + t) for t in range(1, 4))
+    assert lm_macs_for_tokens(tiny, 0) == 0
+
+
+def test_variants_are_what_they_say(tiny, tiny_variants):
+    names = [v.name for v in tiny_variants]
+    assert names == ["base", "layer 30%", "width 30% r16", "width 30% r1"]
+    layer, width16, width1 = tiny_variants[1:]
+    assert bi.widths(layer.model)["layers"] < 4 and bi.widths(layer.model)["mlp_width"] == 192
+    assert bi.widths(width16.model)["mlp_width"] % 16 == 0 and bi.widths(width16.model)["layers"] == 4
+    for v in tiny_variants[1:]:
+        assert abs(v.info["ratio_achieved"] - 0.3) < 0.15
+        assert all(p.is_contiguous() for p in v.model.parameters())
+
+
+def test_ideal_speedup_is_the_mac_ratio(tiny, tiny_variants):
+    layer = tiny_variants[1]
+    kept = bi.widths(layer.model)["layers"]
+    head = tiny.lm_head.in_features * tiny.lm_head.out_features
+    per_layer = (lm_linear_macs(tiny) - head) / 4
+    # decode: linears per token, attention over past + t positions
+    steps, past = 3, 10
+    positions = steps * past + steps * (steps + 1) // 2
+    expect = (steps * lm_linear_macs(tiny) + attention_score_macs(tiny, 1) * positions) / (
+        steps * (kept * per_layer + head) + attention_score_macs(tiny, 1) * kept / 4 * positions)
+    assert bi.ideal_speedup(tiny, layer.model, "decode", past, steps) == pytest.approx(expect)
+    # prefill: the same ratio as the MACs of a T-token prompt; batch size never enters
+    assert bi.ideal_speedup(tiny, layer.model, "prefill", 8, 0) == pytest.approx(
+        lm_macs_for_tokens(tiny, 8) / lm_macs_for_tokens(layer.model, 8))
+    for v in tiny_variants[1:]:
+        assert bi.ideal_speedup(tiny, v.model, "prefill", 8, 0) > 1
+
+
+def test_runners_shapes_and_repeatable_decode(tiny_variants):
+    vocab = tiny_variants[0].model.config.text_config.vocab_size
+    with torch.inference_mode():
+        for v in tiny_variants:
+            assert bi.prefill_runner(v.model, 2, 6)().shape == (2, 6, vocab)
+            decode = bi.decode_runner(v.model, 2, 6, 3)
+            first, second = decode(), decode()  # the cache is cropped back to the prompt every call
+            assert first.shape == (2, 1, vocab)
+            torch.testing.assert_close(first, second)
+            bi.linear_runner(v.model, 2, 1, 2)()
+
+
+def test_summary_and_headline_bookkeeping(tiny, tiny_variants):
+    base, layer = tiny_variants[0], tiny_variants[1]
+    times = {"cpu": {"base": [2.0, 2.2], "layer 30%": [1.5, 1.0], "base [linears]": [1.5, 1.6],
+                     "layer 30% [linears]": [0.75, 0.8]},
+             "wall": {"base": [3.0, 2.5], "layer 30%": [2.0, 1.25]}}
+    row = bi.summarise(base, layer, times, "decode", 1, 6, 3)
+    ideal = bi.ideal_speedup(tiny, layer.model, "decode", 6, 3)
+    assert row["cpu"]["achieved_speedup"] == pytest.approx(2.0) and row["wall"]["achieved_speedup"] == pytest.approx(2.0)
+    assert row["efficiency"] == pytest.approx(2.0 / ideal)
+    assert row["cpu"]["paired_median_speedup"] == pytest.approx((2.0 / 1.5 + 2.2) / 2)
+    d = row["decomposition"]
+    assert d["base_rest_ms"] == pytest.approx(500) and d["pruned_rest_ms"] == pytest.approx(250)
+    assert d["rest_share_base"] == pytest.approx(0.25) and d["linear_speedup"] == pytest.approx(2.0)
+    worse = dict(row, efficiency=0.5, cpu=dict(row["cpu"], efficiency=0.5))
+    ratios, goals = bi.headline([row, worse], round_to=16)
+    assert ratios["layer_decode_b1_efficiency"] == 0.5 and goals["layer_decode_b1_efficiency"].startswith(">= 0.95")
+
+
+def test_round_to_sweep_widths(tiny):
+    rows = bi.round_to_sweep(tiny, 0.3, (1, 16), (1,), rounds=1)
+    assert {r["round_to"] for r in rows} == {1, 16}
+    assert all(r["mlp_width"] < r["base_width"] == 192 for r in rows)
+    assert next(r for r in rows if r["round_to"] == 16)["mlp_width"] % 16 == 0
+
+
+def test_run_all_verdicts_and_table():
+    assert run_all.verdict(0.96, ">= 0.95 (x)") == "meets" and run_all.verdict(0.9, ">= 0.95") == "MISSES"
+    assert run_all.verdict(1.2, "<= 1.3") == "meets" and run_all.verdict(1.0, "information") == "info"
+    text, rows = run_all.table([
+        {"benchmark": "a", "status": "ok", "ratios": {"r": 1.0}, "goals": {"r": ">= 2"}},
+        {"benchmark": "b", "status": "skipped", "reason": "no decord", "ratios": {}},
+    ])
+    assert [r["verdict"] for r in rows] == ["MISSES", "skipped"] and "no decord" in text
+
+
+def test_eval_plugin_skips_cleanly(tmp_path, monkeypatch):
+    import bench_eval_plugin
+
+    monkeypatch.setattr(bench_eval_plugin, "missing_requirement", lambda: "decord is not installed")
+    out = tmp_path / "eval.json"
+    bench_eval_plugin.main(["--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["status"] == "skipped" and "decord" in result["reason"] and result["ratios"] == {}
+
+
+def test_grid_overhead_from_stage_log(tmp_path):
+    import bench_grid_overhead
+
+    log = tmp_path / "runs.jsonl"
+    lines = [{"key": "a", "kind": "prune", "pid": 1, "seconds": 5.0, "time": "2026-01-01T00:00:05"},
+             {"key": "b", "kind": "eval", "pid": 2, "seconds": 10.0, "time": "2026-01-01T01:00:10"},
+             {"key": "c", "kind": "eval", "pid": 2, "seconds": 8.0, "time": "2026-01-01T01:00:20"}]
+    log.write_text("\n".join(json.dumps(x) for x in lines) + "\n{broken")
+    result = bench_grid_overhead.main(["--log", str(log), "--json", str(tmp_path / "g.json")])
+    run = result["details"]["latest_run"]
+    assert run["stages"] == 2 and run["span_s"] == 20.0 and run["compute_s"] == 18.0
+    assert result["ratios"]["grid_between_stage_overhead"] == pytest.approx(0.1)
+    skipped = bench_grid_overhead.main(["--log", str(tmp_path / "none.jsonl")])
+    assert skipped["status"] == "skipped"
+
+
+def test_importance_estimate_follows_dtype_and_device(tiny):
+    from harness.models.memory import CUDA_CONTEXT, estimate_importance_memory, importance_estimate_line
+
+    gpu = estimate_importance_memory(tiny.config, "width-taylor", 1, 64)
+    assert gpu == estimate_importance_memory(tiny, "width-taylor", 1, 64, "bfloat16", "cuda")  # config or model
+    cpu16 = estimate_importance_memory(tiny, "width-taylor", 1, 64, torch.bfloat16, "cpu")
+    cpu32 = estimate_importance_memory(tiny, "width-taylor", 1, 64, torch.float32, "cpu")
+    assert gpu.total - cpu16.total >= CUDA_CONTEXT
+    assert cpu32.breakdown["weights (fp32)"] == 2 * cpu16.breakdown["weights (bf16)"]
+    assert cpu32.total > cpu16.total
+    line = importance_estimate_line(tiny, "width-taylor", 2, 64)
+    assert "batch 2 x 64 tokens, float32 on cpu" in line and "MB" in line
+
+
+def test_layer_fit_recovers_a_line(tiny_variants):
+    base, layer = tiny_variants[0], tiny_variants[1]
+    kept = bi.widths(layer.model)["layers"]
+    row = {"mode": "decode", "batch": 1, "kind": "layer", "variant": layer.name,
+           "cpu": {"base_ms": 1.0 + 2.0 * 4, "pruned_ms": 1.0 + 2.0 * kept}}
+    fit = bi.layer_fit([row], [base, layer])["decode_b1"]
+    assert fit["ms_per_layer"] == pytest.approx(2.0) and fit["ms_fixed"] == pytest.approx(1.0)
+    assert fit["fixed_share_of_base"] == pytest.approx(1 / 9)
