@@ -16,7 +16,7 @@ from harness.evaluation.generate import build_prompt
 from harness.models.adapter import LMAdapter
 from harness.models.embedded import build_embedded
 from harness.pruning import apply_pruning, calibration_set, compute_importance, remove_layers, slice_widths
-from harness.pruning.apply import select_layers
+from harness.pruning.apply import build_model, select_layers
 from harness.pruning.importance import _calibration_loss
 
 FAMILIES = ["tiny-llava", "tiny-bunny", "tiny-llava-gqa", "tiny-qwen2"]
@@ -136,6 +136,25 @@ def test_keep_everything_gives_identical_logits(models, calib):
     assert relabelled.config.text_config.model_type == "mistral"
     assert torch.equal(logits(relabelled, batch), logits(model, batch))
     assert torch.equal(logits(remove_layers(model, []), batch), logits(model, batch))
+
+
+def test_pruned_model_is_complete_and_shares_nothing(models):
+    """Parameters start on the meta device and are assigned: none may be left there, none may be the
+    original's, and the buffers the constructors make (rotary inv_freq, position ids) must be real."""
+    model, _ = models("tiny-llava")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    originals = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    for pruned in (remove_layers(model, [1]), slice_widths(model, [
+            {"heads": [0, 2], "kv_heads": [0, 2], "mlp": list(range(0, 256, 2))}] * 4)):
+        tensors = dict([*pruned.named_parameters(), *pruned.named_buffers()])
+        assert not any(t.is_meta for t in tensors.values())
+        assert not {t.data_ptr() for t in tensors.values()} & originals
+        reference = build_model(pruned.config, torch.float32)
+        buffers = dict(reference.named_buffers())
+        assert buffers.keys() == dict(pruned.named_buffers()).keys()
+        assert all(torch.equal(t, buffers[k]) and t.dtype == buffers[k].dtype for k, t in pruned.named_buffers())
+        assert "model.language_model.rotary_emb.inv_freq" in buffers
+    assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
 
 
 @pytest.mark.parametrize(("name", "method"), [(name, "width-magnitude") for name in FAMILIES]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 
 import pytest
@@ -20,9 +21,12 @@ from harness.pruning import (
     Importance,
     add_prune_parser,
     apply_pruning,
+    cached_fingerprint,
     cached_importance,
     calibration_set,
+    model_fingerprint,
     prune,
+    prune_ratios,
     save_importance,
 )
 
@@ -194,7 +198,73 @@ def test_importance_reuse_runs_no_forward_pass(checkpoints, world, root, monkeyp
     # hidden-channel scores are part of the same stored scores
     info = prune(str(checkpoints["tiny-llava-gqa"]), "width-taylor", 0.3, root / "reuse-hidden", data=world,
                  calib_samples=4, importance_dir=importance_dir, prune_hidden=True)
-    assert calls == [] and len(list(importance_dir.iterdir())) == 1 and info["hidden_size"] < 96
+    scores = [p for p in importance_dir.iterdir() if not p.name.startswith(".")]  # (.fingerprints)
+    assert calls == [] and len(scores) == 1 and info["hidden_size"] < 96
+
+
+def test_prune_ratios_loads_and_scores_once(checkpoints, world, root, monkeypatch, capsys):
+    calls = []
+    original = LlavaForConditionalGeneration.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "forward", counting)
+    path = str(checkpoints["tiny-llava-gqa"])
+    infos = prune_ratios(path, "width-taylor", [0.3, 0.15], root / "multi" / "r-{ratio}", data=world, calib_samples=4,
+                         importance_dir=root / "multi-importance")
+    assert len(calls) == 4 and [i["ratio_requested"] for i in infos] == [0.3, 0.15]
+    single = prune(path, "width-taylor", 0.3, root / "multi-single", data=world, calib_samples=4,
+                   importance_dir=root / "single-importance")
+    assert single == infos[0]
+    a, b = load(root / "multi" / "r-0.3", processor=False), load(root / "multi-single", processor=False)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(t, b.state_dict()[k]) for k, t in a.state_dict().items())
+    assert load(root / "multi" / "r-0.15", processor=False).num_parameters() > a.num_parameters()
+    with pytest.raises(HarnessError, match="template"):
+        prune_ratios(path, "width-taylor", [0.3, 0.45], root / "multi-no-template", data=world)
+    with pytest.raises(HarnessError, match="repeat"):
+        prune_ratios(path, "width-taylor", [0.3, 0.3], root / "m-{ratio}", data=world)
+    with pytest.raises(HarnessError, match="different model"):  # every output is checked before scoring
+        prune_ratios(path, "width-magnitude", [0.2, 0.3], root / "multi" / "r-{ratio}", data=world,
+                     importance_dir=root / "multi-importance")
+    assert not (root / "multi" / "r-0.2").exists()
+    calls.clear()
+    parser = argparse.ArgumentParser(prog="harness")
+    add_prune_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["prune", path, "--method", "width-taylor", "--ratio", "0.3", "0.15", "--out",
+                              str(root / "multi" / "r-{ratio}"), "--data", str(world), "--calib-samples", "4",
+                              "--importance-dir", str(root / "multi-importance")])
+    assert args.func(args) == infos and calls == []  # same runs again: outputs rewritten, scores reused
+    out = capsys.readouterr().out
+    assert f"saved to {root / 'multi' / 'r-0.3'}" in out and f"saved to {root / 'multi' / 'r-0.15'}" in out
+
+
+def test_fingerprint_is_hashed_once_per_checkpoint_state(checkpoints, root, monkeypatch):
+    import harness.pruning.importance as importance
+
+    source = root / "fingerprint-source"
+    shutil.copytree(checkpoints["tiny-llava"], source)
+    model, _ = load(source)
+    hashed = []
+
+    def counting(m):
+        hashed.append(1)
+        return model_fingerprint(m)
+
+    monkeypatch.setattr(importance, "model_fingerprint", counting)
+    cache = root / "fingerprint-importance"
+    expected = model_fingerprint(model)
+    assert cached_fingerprint(model, source, cache) == expected and len(hashed) == 1
+    assert cached_fingerprint(model, source, cache) == expected and len(hashed) == 1
+    assert [p.name for p in cache.iterdir()] == [".fingerprints"]  # not taken for a score folder
+    assert cached_fingerprint(model, None, cache) == expected and len(hashed) == 2  # no folder: always hashed
+    weights = source / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # the folder changed: hashed again
+    assert cached_fingerprint(model, source, cache) == expected and len(hashed) == 3
+    assert cached_fingerprint(model.to(torch.float64), source, cache) != expected and len(hashed) == 4
 
 
 def test_output_dir_reuse_is_idempotent_only_for_the_same_run(checkpoints, world, root):

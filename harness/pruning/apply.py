@@ -4,15 +4,19 @@ Every pruned model is built fresh from its final config and filled from a sliced
 dict, never edited in place. That way the in-memory result is exactly what a reload
 from disk gives: attention `layer_idx` values (used by the KV cache) are numbered by
 construction, per-layer config lists match the layers, and nothing of the original
-model is shared or mutated.
+model is shared or mutated. The new model's parameters are created on the meta device
+and the sliced tensors assigned to them (`empty_model`), so no memory is allocated,
+initialised or copied for weights that would be overwritten at once; its buffers
+(rotary `inv_freq`, position ids) are built by the constructors, as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -95,8 +99,13 @@ def _rebuild(model: nn.Module, kept_layers: list[int], kept: list[dict] | None,
     config["text_config"] = _text_config(adapter, config["text_config"], kept_layers, kept, hidden)
     state = _sliced_state(model, adapter, kept_layers, kept, _hidden_cuts(model, adapter, hidden))
     param = next(model.parameters())
-    pruned = build_model(LlavaConfig.from_dict(config), param.dtype, param.device)
-    pruned.load_state_dict(state, strict=True)
+    # LlavaConfig(**d) is LlavaConfig.from_dict(d) without the log line that serialises the whole config
+    pruned = empty_model(LlavaConfig(**config), param.dtype, param.device)
+    pruned.load_state_dict(state, strict=True, assign=True)
+    pruned.tie_weights()  # after assigning: a tied LM head must be the (new) embedding matrix
+    empty = [name for name, t in [*pruned.named_parameters(), *pruned.named_buffers()] if t.is_meta]
+    if empty:
+        raise HarnessError(f"pruned model has tensors without values: {empty[:3]}")
     pruned.generation_config = copy.deepcopy(model.generation_config)
     pruned.train(model.training)
     return pruned
@@ -112,6 +121,46 @@ def build_model(config, dtype: torch.dtype, device: torch.device | str = "cpu") 
     resize_to_widths(model)
     model.tie_weights()  # skipped under no_init_weights: a tied LM head must stay the embedding matrix
     return model
+
+
+def empty_model(config, dtype: torch.dtype, device: torch.device | str = "cpu") -> nn.Module:
+    """`build_model` with every parameter on the meta device, to be filled by `load_state_dict(..., assign=True)`.
+
+    Buffers are created as in `build_model`, on `device`: non-persistent ones such as rotary
+    `inv_freq` are in no state dict, so their values must come from the constructors.
+    Weights are not tied: call `tie_weights` after assigning.
+    """
+    from transformers import LlavaForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    device = torch.device(device)
+    # A torch.device context intercepts every torch call; CPU is the default anyway.
+    placement = device if device.type != "cpu" else contextlib.nullcontext()
+    with placement, no_init_weights(), _parameters_on_meta():
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+        resize_to_widths(model)
+    return model
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Move each parameter registered meanwhile to the meta device; buffers stay where they are made.
+
+    Each parameter's construction-time storage is freed as soon as it is registered, and
+    `torch.empty` touches no pages, so this costs neither time nor memory for a 7B model.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def resize_to_widths(model: nn.Module) -> None:
@@ -228,40 +277,50 @@ def _cut(tensor: torch.Tensor, cuts: list[tuple[int, torch.Tensor, float]]) -> t
 
 def _sliced_state(model: nn.Module, adapter: LMAdapter, kept_layers: list[int], kept: list[dict] | None,
                   cuts: dict[str, list] | None = None) -> dict[str, torch.Tensor]:
-    """The original state dict with removed layers dropped, the rest renumbered and sliced."""
+    """The original state dict with removed layers dropped, the rest renumbered and sliced.
+
+    Every tensor is new (sliced, or cloned when kept whole): the pruned model shares nothing.
+    """
     prefix = _module_name(model, adapter.layers) + "."
     new_index = {old: new for new, old in enumerate(kept_layers)}
+    indices = {}  # per kept layer: {module name: (dim, kept rows or columns)}
     state = {}
-    for key, tensor in model.state_dict().items():
-        tensor = _cut(tensor, (cuts or {}).get(key, []))
-        if not key.startswith(prefix):
-            state[key] = tensor
-            continue
-        index, rest = key[len(prefix):].split(".", 1)
-        if int(index) in new_index:
-            keep = kept[int(index)] if kept is not None else None
-            state[f"{prefix}{new_index[int(index)]}.{rest}"] = _slice(adapter, rest, tensor, keep)
+    for key, original in model.state_dict().items():
+        tensor = _cut(original, (cuts or {}).get(key, []))
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            if int(index) not in new_index:
+                continue
+            if kept is not None:
+                if int(index) not in indices:
+                    indices[int(index)] = _slice_indices(adapter, kept[int(index)], tensor.device)
+                tensor = _slice(rest, tensor, indices[int(index)])
+            key = f"{prefix}{new_index[int(index)]}.{rest}"
+        state[key] = tensor.clone() if tensor is original else tensor
     return state
 
 
-def _slice(adapter: LMAdapter, name: str, tensor: torch.Tensor, keep: dict | None) -> torch.Tensor:
-    """Rows of input projections and columns of output projections that belong to kept units."""
-    if keep is None:
-        return tensor
+def _slice_indices(adapter: LMAdapter, keep: dict, device) -> dict[str, tuple[int, torch.Tensor]]:
+    """Per projection of one layer, the dimension to slice and the indices of kept units along it."""
     f = adapter.family
-    module, _, kind = name.rpartition(".")
     q_name, *kv_names = f.attn_in
-    heads = _head_rows(keep["heads"], adapter.head_dim, tensor.device)
-    kv = _head_rows(keep["kv_heads"], adapter.head_dim, tensor.device)
-    channels = torch.as_tensor(keep["mlp"], dtype=torch.long, device=tensor.device)
-    rows = {f"{f.attn}.{q_name}": heads, **{f"{f.attn}.{n}": kv for n in kv_names},
-            **{f"{f.mlp}.{n}": channels for n in f.mlp_in}}
-    cols = {f"{f.attn}.{f.attn_out}": heads, f"{f.mlp}.{f.mlp_out}": channels}
-    if module in rows:
-        return tensor.index_select(0, rows[module])
-    if module in cols and kind == "weight":
-        return tensor.index_select(1, cols[module])
-    return tensor
+    heads = _head_rows(keep["heads"], adapter.head_dim, device)
+    kv = _head_rows(keep["kv_heads"], adapter.head_dim, device)
+    channels = torch.as_tensor(keep["mlp"], dtype=torch.long, device=device)
+    return {f"{f.attn}.{q_name}": (0, heads), **{f"{f.attn}.{n}": (0, kv) for n in kv_names},
+            **{f"{f.mlp}.{n}": (0, channels) for n in f.mlp_in},
+            f"{f.attn}.{f.attn_out}": (1, heads), f"{f.mlp}.{f.mlp_out}": (1, channels)}
+
+
+def _slice(name: str, tensor: torch.Tensor, indices: dict[str, tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """Rows of input projections (weights and biases) and columns of output projections (weights only)."""
+    module, _, kind = name.rpartition(".")
+    if module not in indices:
+        return tensor
+    dim, index = indices[module]
+    if dim == 1 and kind != "weight":
+        return tensor
+    return tensor.index_select(dim, index.to(tensor.device))
 
 
 def _head_rows(heads: Sequence[int], head_dim: int, device) -> torch.Tensor:

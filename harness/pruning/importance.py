@@ -51,6 +51,10 @@ DEFAULT_CALIB_SAMPLES = {"layer-bi": 50, "layer-angular": 50, "layer-loss": 50,
                          "width-taylor": 10, "width-activation": 10, "width-magnitude": 0}
 DEFAULT_SEED = 42
 SCORE_KEYS = {"width": ("attn", "mlp", "hidden", "projector"), "layer": ()}
+# Bump when `model_fingerprint` changes: cached fingerprints (`cached_fingerprint`) are then recomputed.
+_FINGERPRINT_VERSION = 1
+# Under an importance folder, where `cached_fingerprint` keeps them (a dot name: not a score folder).
+FINGERPRINT_CACHE = ".fingerprints"
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "architectures", "dtype", "name_or_path", "use_cache",
                          "output_hidden_states", "output_attentions", "return_dict"}
 
@@ -198,16 +202,63 @@ def load_importance(importance_dir: str | Path, method: str, key: str) -> Import
 
 
 def cached_importance(model: nn.Module, processor, method: str, calib: Calibration | None,
-                      importance_dir: str | Path, fingerprint: str | None = None) -> Importance:
-    """Load the scores for (model, method, calibration) from `importance_dir`, computing and storing them once."""
+                      importance_dir: str | Path, fingerprint: str | None = None,
+                      on_compute: Callable[[], None] | None = None) -> Importance:
+    """Load the scores for (model, method, calibration) from `importance_dir`, computing and storing them once.
+
+    `on_compute` is called just before scores are computed (not when stored ones are reused).
+    """
     fingerprint = fingerprint or model_fingerprint(model)
     key = importance_key(fingerprint, method, calib)
     stored = load_importance(importance_dir, method, key)
     if stored is not None and set(SCORE_KEYS[stored.kind]) <= set(stored.scores):
         return stored  # (width scores stored before hidden channels were scored lack some: recomputed)
+    if on_compute is not None:
+        on_compute()
     importance = compute_importance(model, processor, method, calib, fingerprint=fingerprint)
     save_importance(importance, importance_dir, key)
     return importance
+
+
+def cached_fingerprint(model: nn.Module, source: str | Path | None, importance_dir: str | Path) -> str:
+    """`model_fingerprint` of `model` as just loaded from the checkpoint folder `source`, hashed once per folder state.
+
+    Hashing every weight costs about a minute for a 7B model in float32, on every ratio.
+    The fingerprint is remembered under `importance_dir/.fingerprints/` against the folder's
+    file names, sizes, modification times and inodes, the loaded dtypes and the
+    transformers version (which shapes `config.to_dict()`); any change rehashes. Without
+    a folder (a model built in memory, a hub id) it is computed every time.
+    """
+    if source is None or not Path(source).is_dir():
+        return model_fingerprint(model)
+    source = Path(source).resolve()
+    stamp = _folder_stamp(source, model)
+    name = hashlib.blake2b(str(source).encode(), digest_size=16).hexdigest()
+    entry = Path(importance_dir) / FINGERPRINT_CACHE / f"{name}.json"
+    try:
+        cached = read_json(entry)
+        if isinstance(cached, dict) and cached.get("stamp") == stamp and isinstance(cached.get("fingerprint"), str):
+            return cached["fingerprint"]
+    except (OSError, ValueError):
+        pass
+    fingerprint = model_fingerprint(model)
+    try:
+        write_json(entry, {"source": str(source), "stamp": stamp, "fingerprint": fingerprint})
+    except OSError:
+        pass  # a read-only importance folder only costs the rehash next time
+    return fingerprint
+
+
+def _folder_stamp(folder: Path, model: nn.Module) -> list:
+    import transformers
+
+    files = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            st = path.stat()
+            files.append([path.name, st.st_size, st.st_mtime_ns, st.st_ino])
+    dtypes = sorted({str(t.dtype) for t in model.state_dict().values()})
+    return [_FINGERPRINT_VERSION, transformers.__version__, dtypes, files]
 
 
 # --- computing scores ----------------------------------------------------------------------------
