@@ -229,8 +229,18 @@ def cached_fingerprint(model: nn.Module, source: str | Path | None, importance_d
     transformers version (which shapes `config.to_dict()`); any change rehashes. Without
     a folder (a model built in memory, a hub id) it is computed every time.
     """
+    fingerprint, remember = lookup_fingerprint(model, source, importance_dir)
+    remember()
+    return fingerprint
+
+
+def lookup_fingerprint(model: nn.Module, source: str | Path | None, importance_dir: str | Path):
+    """(fingerprint, remember): like `cached_fingerprint`, but the cache entry is written only by `remember()`.
+
+    `prune` calls `remember()` once the run has succeeded, so a run refused on bad input writes nothing.
+    """
     if source is None or not Path(source).is_dir():
-        return model_fingerprint(model)
+        return model_fingerprint(model), lambda: None
     source = Path(source).resolve()
     stamp = _folder_stamp(source, model)
     name = hashlib.blake2b(str(source).encode(), digest_size=16).hexdigest()
@@ -238,15 +248,18 @@ def cached_fingerprint(model: nn.Module, source: str | Path | None, importance_d
     try:
         cached = read_json(entry)
         if isinstance(cached, dict) and cached.get("stamp") == stamp and isinstance(cached.get("fingerprint"), str):
-            return cached["fingerprint"]
+            return cached["fingerprint"], lambda: None
     except (OSError, ValueError):
         pass
     fingerprint = model_fingerprint(model)
-    try:
-        write_json(entry, {"source": str(source), "stamp": stamp, "fingerprint": fingerprint})
-    except OSError:
-        pass  # a read-only importance folder only costs the rehash next time
-    return fingerprint
+
+    def remember() -> None:
+        try:
+            write_json(entry, {"source": str(source), "stamp": stamp, "fingerprint": fingerprint})
+        except OSError:
+            pass  # a read-only importance folder only costs the rehash next time
+
+    return fingerprint, remember
 
 
 def _folder_stamp(folder: Path, model: nn.Module) -> list:

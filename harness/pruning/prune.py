@@ -21,10 +21,10 @@ from harness.pruning.importance import (
     DEFAULT_SEED,
     LAYER_METHODS,
     METHODS,
-    cached_fingerprint,
     cached_importance,
     calibration_set,
     check_method,
+    lookup_fingerprint,
     needs_calibration,
 )
 from harness.pruning.plan import check_ratio, lm_shape, parse_layers, plan_layers, plan_width
@@ -73,7 +73,7 @@ def prune_ratios(model, method: str, ratios: Sequence[float], out: str | Path, *
     model, processor = _load(model, processor)
     checked = [_check_plan(model, method, ratio, settings) for ratio in outputs]  # every ratio must be possible
     settings = checked[0]  # (the same for every ratio: parsed layer ranges)
-    fingerprint = cached_fingerprint(model, source, importance_dir)
+    fingerprint, remember_fingerprint = lookup_fingerprint(model, source, importance_dir)
     for ratio, path in outputs.items():
         check_output_dir(path, {"source_fingerprint": fingerprint, "method": method, "ratio_requested": ratio,
                                 **settings})
@@ -86,6 +86,7 @@ def prune_ratios(model, method: str, ratios: Sequence[float], out: str | Path, *
             print(importance_estimate_line(model, method, batch_size, max_length), flush=True)
 
     importance = cached_importance(model, processor, method, calib, importance_dir, fingerprint, on_compute=estimate)
+    remember_fingerprint()  # only now: a run refused on bad input writes nothing
     infos = []
     for ratio, path in outputs.items():
         pruned, info = apply_pruning(model, importance, ratio, context=context, **settings)
