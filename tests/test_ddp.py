@@ -99,7 +99,8 @@ def _one_process(model_dir, world):
 
     recipe = get_recipe("full-sft", **SETTINGS)
     student, processor = load(model_dir)
-    dm = MixDataModule(world, processor, student.config, 1.0, recipe.batch_size, recipe.seed, recipe.max_length)
+    dm = MixDataModule(world, processor, student.config, 1.0, recipe.batch_size, recipe.seed, recipe.max_length,
+                       group_by_length=recipe.group_by_length)  # the data order `harness recover` uses
     module = RecoveryModule(student, recipe)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in each DDP process (OMP_NUM_THREADS=1): the same CPU kernels
