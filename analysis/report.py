@@ -110,7 +110,7 @@ def log_to_wandb(results_dir, out_dir=None, wandb_dir=None) -> str:
     from harness.tracking import start_run  # offline unless online is asked for and usable
 
     run = start_run(
-        project=os.environ.get("WANDB_PROJECT", "mllm-structural-pruning"),
+        project=os.environ.get("WANDB_PROJECT", "mllm-compression"),  # the project the stages log to
         group=experiment, job_type="analysis", name=f"{experiment}-analysis", dir=str(wandb_dir),
     )
     with run:

@@ -237,6 +237,8 @@ CASES = [
      "unknown task"),
     ("limit-zero", ["eval", "{teacher}", "--data", "{good_world}", "--limit", "0", "--out", "{out}/e.json"],
      "limit must be positive"),
+    ("eval-batch-size-zero", ["eval", "{teacher}", "--data", "{good_world}", "--batch-size", "0", "--out", "{out}/e.json"],
+     "batch size must be at least 1"),
     ("limit-not-a-number", ["eval", "{teacher}", "--data", "{good_world}", "--limit", "all", "--out", "{out}/e.json"],
      "--limit expects a number"),
     ("benchmarks-missing", ["eval", "{teacher}", "--data", "{world:no_benchmarks}", "--out", "{out}/e.json"],

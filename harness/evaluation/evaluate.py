@@ -257,6 +257,8 @@ def evaluate(model_or_spec, tasks: str | list[str] = SYNTH_GROUP, out_file: str 
     check_tasks(names)
     if limit is not None and limit <= 0:
         raise HarnessError(f"limit must be positive, got {limit}")
+    if batch_size < 1:
+        raise HarnessError(f"batch size must be at least 1, got {batch_size}")
     synth = [t for t in names if t in SYNTH_TASKS]
     data = resolve_data_dir(data_dir, synth) if synth else None
     teacher, teacher_source = None, None
