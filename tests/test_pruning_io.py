@@ -178,7 +178,8 @@ def test_non_uniform_widths_load_through_harness(checkpoints, world, root, batch
     assert torch.equal(logits(load(root / "bunny-recovered")[0], batch), logits(model, batch))
 
 
-def test_importance_reuse_runs_no_forward_pass(checkpoints, world, root, monkeypatch):
+def count_forward_passes(monkeypatch) -> list:
+    """A list that grows by one on every LlavaForConditionalGeneration forward pass."""
     calls = []
     original = LlavaForConditionalGeneration.forward
 
@@ -187,6 +188,11 @@ def test_importance_reuse_runs_no_forward_pass(checkpoints, world, root, monkeyp
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(LlavaForConditionalGeneration, "forward", counting)
+    return calls
+
+
+def test_importance_reuse_runs_no_forward_pass(checkpoints, world, root, monkeypatch):
+    calls = count_forward_passes(monkeypatch)
     importance_dir = root / "reuse-importance"
     prune(str(checkpoints["tiny-llava-gqa"]), "width-taylor", 0.15, root / "reuse-15", data=world,
           calib_samples=4, importance_dir=importance_dir)
@@ -203,14 +209,7 @@ def test_importance_reuse_runs_no_forward_pass(checkpoints, world, root, monkeyp
 
 
 def test_prune_ratios_loads_and_scores_once(checkpoints, world, root, monkeypatch, capsys):
-    calls = []
-    original = LlavaForConditionalGeneration.forward
-
-    def counting(self, *args, **kwargs):
-        calls.append(1)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(LlavaForConditionalGeneration, "forward", counting)
+    calls = count_forward_passes(monkeypatch)
     path = str(checkpoints["tiny-llava-gqa"])
     infos = prune_ratios(path, "width-taylor", [0.3, 0.15], root / "multi" / "r-{ratio}", data=world, calib_samples=4,
                          importance_dir=root / "multi-importance")
