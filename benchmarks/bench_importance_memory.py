@@ -43,6 +43,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
+from harness.evaluation.efficiency import reset_cpu_peak  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "artifacts" / "data" / "synth"
 # (label, dtype, calibration batch size): the harness's default (batch 1) in the estimate's own dtype (bf16)
@@ -59,14 +61,6 @@ def _status_kb(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def child(dtype_name: str, batch_size: int, data: Path, samples: int, threads: int, live: bool = True) -> dict:
@@ -96,7 +90,7 @@ def child(dtype_name: str, batch_size: int, data: Path, samples: int, threads: i
         del warm
     gc.collect()
     before_kb = _status_kb("VmRSS")
-    reset = _reset_peak()
+    reset = reset_cpu_peak()
     start = time.perf_counter()
     compute_importance(model, processor, "width-taylor", calib)
     seconds = time.perf_counter() - start

@@ -58,7 +58,7 @@ def _best_seconds(fn, device: torch.device, repeats: int) -> float:
     return min(times)
 
 
-def _reset_cpu_peak() -> bool:
+def reset_cpu_peak() -> bool:
     """Reset the kernel's peak-RSS counter for this process; False where not allowed."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -88,7 +88,7 @@ def latency(model, processor, decode_tokens: int = 16, repeats: int = 5) -> dict
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    reset_worked = _reset_cpu_peak() if device.type != "cuda" else False
+    reset_worked = reset_cpu_peak() if device.type != "cuda" else False
     prefill = _best_seconds(lambda: model(**inputs, use_cache=True), device, repeats)
     one = _best_seconds(lambda: generate(1), device, repeats)
     many = _best_seconds(lambda: generate(decode_tokens + 1), device, repeats)
