@@ -19,7 +19,7 @@ default malloc, no warm-up): peak RSS - RSS of the bare runtime (torch and trans
 imported); it also holds lazily loaded library code and buffers glibc keeps after freeing.
 
 estimate = `estimate_importance_memory(model, "width-taylor", batch, T, dtype, device="cpu")`
-(weights + decoder-linear gradients + every layer's saved activations + logits/loss +
+(weights + gradients of every scored weight + every layer's saved activations + logits/loss +
 |W*grad| temporaries + 5 % fragmentation; no CUDA context on a CPU), at T = the longest
 calibration sample actually drawn. `harness prune` prints the same estimate at T =
 --max-length (512), an upper bound, before scoring; that line is recorded too.

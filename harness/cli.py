@@ -61,12 +61,13 @@ def cmd_data_make(args) -> None:
 
 def cmd_teacher_train(args) -> None:
     from harness.models.loading import TEACHERS_DIR
-    from harness.recovery.teacher import train_teacher
+    from harness.recovery.teacher import stage_settings, train_teacher
 
     out = Path(args.out) if args.out else TEACHERS_DIR / args.name
     if out.exists() and not args.overwrite:
         raise HarnessError(f"{out} exists; pass --overwrite to retrain")
-    summary = train_teacher(args.name, args.data, out, seed=args.seed)
+    stages = stage_settings(_parse_overrides(args.set))
+    summary = train_teacher(args.name, args.data, out, seed=args.seed, stages=stages)
     print(f"teacher {args.name} written to {out} in {summary['train_time_s']:.0f} s")
     if not args.skip_eval:
         from harness.evaluation.evaluate import evaluate
@@ -151,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--seed", type=int, default=0)
     tt.add_argument("--overwrite", action="store_true")
     tt.add_argument("--skip-eval", action="store_true")
+    tt.add_argument("--set", action="append", metavar="STAGE.KEY=VALUE",
+                    help="override a stage setting: vision.steps=1000, full.epochs=6, full.lr=5e-4, align.max_steps=200")
     tt.set_defaults(func=cmd_teacher_train)
 
     from harness.pruning.prune import add_prune_parser

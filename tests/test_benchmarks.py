@@ -153,6 +153,20 @@ def test_importance_estimate_follows_dtype_and_device(tiny):
     assert "batch 2 x 64 tokens, float32 on cpu" in line and "MB" in line
 
 
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-bunny", "tiny-llava-gqa", "tiny-qwen2"])
+def test_taylor_estimate_counts_a_gradient_for_every_scored_weight(name):
+    """The estimate's gradient term is the bytes of exactly the parameters `_taylor` puts gradients on."""
+    from harness.models.adapter import LMAdapter
+    from harness.models.embedded import build_embedded
+    from harness.models.memory import estimate_importance_memory
+    from harness.pruning.importance import _scored_params
+
+    model, _ = build_embedded(name)
+    scored = sum(p.numel() for p in _scored_params(LMAdapter(model)))
+    est = estimate_importance_memory(model, "width-taylor", 1, 16, torch.float32, "cpu")
+    assert est.breakdown["gradients of the scored weights (fp32)"] == 4 * scored
+
+
 def test_layer_fit_recovers_a_line(tiny_variants):
     base, layer = tiny_variants[0], tiny_variants[1]
     kept = bi.widths(layer.model)["layers"]
@@ -161,3 +175,19 @@ def test_layer_fit_recovers_a_line(tiny_variants):
     fit = bi.layer_fit([row], [base, layer])["decode_b1"]
     assert fit["ms_per_layer"] == pytest.approx(2.0) and fit["ms_fixed"] == pytest.approx(1.0)
     assert fit["fixed_share_of_base"] == pytest.approx(1 / 9)
+
+
+@pytest.mark.parametrize("image", ["text", "oracle", "tower"])
+def test_teacher_probe_scores_every_family_and_repeats(image):
+    """The learning-speed probe behind the README's teacher-quality numbers: per-family scores, deterministic."""
+    import teacher_probe
+
+    argv = ["--image", image, "--layers", "1", "--steps", "6", "--every", "3", "--batch", "4", "--held-out", "24",
+            "--teacher", str(Path(__file__).resolve().parents[1] / "artifacts/teachers/tiny-llava")]
+    first = teacher_probe.main(argv)
+    assert [line["step"] for line in first] == [3, 6]
+    assert set(teacher_probe.FAMILIES) <= set(first[-1]) and 0 <= first[-1]["mean"] <= 1
+    assert first[-1]["loss"] < 4.3  # the smoothed loss starts near ln(vocab) = 4.33
+    again = teacher_probe.main(argv)
+    assert [{k: v for k, v in line.items() if k != "seconds"} for line in again] == \
+        [{k: v for k, v in line.items() if k != "seconds"} for line in first]

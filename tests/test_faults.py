@@ -253,6 +253,12 @@ CASES = [
     ("data-out-holds-something-else", ["data", "make", "--out", "{inputs}/models", "--mix-size", "4"],
      "holds a different world"),
     ("unknown-teacher-name", ["teacher", "train", "tiny-gpt", "--out", "{out}"], "unknown embedded model"),
+    ("teacher-unknown-stage", ["teacher", "train", "tiny-llava", "--out", "{out}", "--set", "pretrain.steps=5"],
+     "STAGE.FIELD"),
+    ("teacher-unknown-recipe-field", ["teacher", "train", "tiny-llava", "--out", "{out}", "--set", "full.epochz=3"],
+     "teacher stage full: unknown recipe setting"),
+    ("teacher-vision-steps-fraction", ["teacher", "train", "tiny-llava", "--out", "{out}", "--set", "vision.steps=2.5"],
+     "positive int"),
     ("convert-missing-source", ["convert", "bunny", "{inputs}/nothing", "{out}"], "nothing"),
     ("report-missing-results", ["report", "{inputs}/no_results"], "no_results"),
     # --- grid specs

@@ -47,7 +47,8 @@ Importance estimation (`estimate_importance_memory`), batches of B samples of T 
 - layer-loss: no-grad forwards with the loss: one layer's inference activations and
   logits with their fp32 loss temporaries (10 bytes per element);
 - width-taylor: one forward + backward without checkpointing (as `importance._taylor`
-  runs it): gradients of the decoder linears in the weights' dtype (bf16), every layer's
+  runs it): gradients of every scored weight in the weights' dtype (bf16: the whole language
+  model, embeddings and LM head included, and the projector), every layer's
   activations L * B * T * a_layer, logits with the loss and its gradient (14 bytes per
   element), and fp32 |W * grad| temporaries of the largest linear (12 bytes per weight);
 - width-activation: a no-grad forward with fp32 per-channel hooks; width-magnitude: weights only.
@@ -261,7 +262,9 @@ def estimate_importance_memory(config, method: str, batch_size: int = 1, seq_len
         parts["logits and loss temporaries"] = (10 - BF16 + act) * logits
         parts["vision forward (transient)"] = vision
     elif method == "width-taylor":
-        parts[f"decoder-linear gradients ({kind})"] = act * s.decoder_linear_params
+        # `importance._taylor` keeps a gradient for every parameter a width score reads: the decoder
+        # linears and every hidden or projector channel's slices (embeddings, norms, LM head, projector).
+        parts[f"gradients of the scored weights ({kind})"] = act * (s.lm_params + s.projector_params)
         parts["activations (all layers, no checkpointing)"] = tokens * sum(
             layer_activation_bytes(s, layer, act=act) for layer in s.layers) + tokens * (FP32 + act) * s.hidden
         # fp32 logits need no fp32 upcast for the loss

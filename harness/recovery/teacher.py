@@ -22,6 +22,29 @@ from harness.recovery.vision_pretrain import pretrain_vision, standardize_projec
 
 # Tuned on these 2 CPU cores (README: teacher quality table).
 STAGES = {"vision": dict(steps=600), "align": dict(max_steps=100), "full": dict(epochs=2.0)}
+VISION_SETTINGS = ("steps", "batch_size", "lr")  # pretrain_vision's knobs; align and full take any recipe field
+
+
+def stage_settings(overrides: dict | None = None) -> dict:
+    """STAGES with `{"full.epochs": 6, "vision.steps": 1000}`-style overrides applied and checked."""
+    stages = {stage: dict(settings) for stage, settings in STAGES.items()}
+    for key, value in (overrides or {}).items():
+        stage, _, field = key.partition(".")
+        if stage not in stages or not field:
+            raise HarnessError(f"teacher setting {key!r} must be STAGE.FIELD with STAGE one of {', '.join(STAGES)}")
+        if stage == "vision" and field not in VISION_SETTINGS:
+            raise HarnessError(f"teacher setting {key!r}: the vision stage takes {', '.join(VISION_SETTINGS)}")
+        kind = float if field == "lr" else int
+        if stage == "vision" and (isinstance(value, bool) or not isinstance(value, kind if kind is int else int | float)
+                                  or value <= 0):
+            raise HarnessError(f"teacher setting {key!r} must be a positive {kind.__name__}, got {value!r}")
+        stages[stage][field] = value
+    for stage, recipe_name in (("align", "teacher-align"), ("full", "teacher-full")):
+        try:  # unknown or mistyped recipe fields fail here, before any training
+            get_recipe(recipe_name, **stages[stage])
+        except HarnessError as e:
+            raise HarnessError(f"teacher stage {stage}: {e}") from None
+    return stages
 
 
 def train_teacher(name: str, data: str | Path, out: str | Path, seed: int = 0, stages: dict | None = None,
@@ -30,7 +53,7 @@ def train_teacher(name: str, data: str | Path, out: str | Path, seed: int = 0, s
         raise HarnessError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED)}")
     stages = stages or STAGES
     model, processor = build_embedded(name, seed=seed)
-    summary = {"model": name, "seed": seed, "stages": {}}
+    summary = {"model": name, "seed": seed, "settings": stages, "stages": {}}
     t0 = time.perf_counter()
     summary["stages"]["vision"] = pretrain_vision(model, processor, seed=seed, progress=progress, **stages["vision"])
     standardize_projector_input(model, processor, seed=seed)
