@@ -9,9 +9,8 @@ separate a slow language model from weak vision features:
     --image tower   the committed teacher's vision tower (frozen) and projector
 
 The language model is built fresh from the teacher's text config, with --layers/--hidden overrides.
---grow-at S --grow-to L deepens it at step S (progressive stacking): every layer is repeated
-L/layers times in place, with its residual outputs (attention output and MLP down projection)
-divided by the repeat count, so the deeper model starts close to the shallow one's function.
+--grow-at S --grow-to L deepens it at step S as teacher training does (progressive stacking,
+`pruning.apply.repeat_layers`, --grow-mode split or identity).
 Prints one JSON line per evaluation:
 
     .venv/bin/python benchmarks/teacher_probe.py --image oracle --families pope --layers 2 --steps 1000
@@ -132,32 +131,15 @@ class Probe:
         return self.model(inputs_embeds=embeds, attention_mask=mask).logits, labels
 
 
-def grow(probe: Probe, depth: int) -> None:
-    """Repeat every decoder layer in place to reach `depth` layers, residual outputs scaled by 1/repeats."""
-    import copy
+def grow(probe: Probe, depth: int, mode: str) -> None:
+    """Deepen the language model to `depth` layers as teacher training does (`repeat_layers`)."""
+    from harness.pruning.apply import repeat_layers
 
-    from harness.models.adapter import LMAdapter
-
-    adapter = LMAdapter(probe.model)
-    layers = adapter.layers
-    if depth % len(layers):
-        raise SystemExit(f"--grow-to {depth} is not a multiple of --layers {len(layers)}")
-    repeats = depth // len(layers)
-    grown = []
-    for layer in layers:
-        for _ in range(repeats):
-            twin = copy.deepcopy(layer)
-            with torch.no_grad():
-                for out in (adapter.attn_linears(twin)[1], adapter.mlp_linears(twin)[1]):
-                    out.weight /= repeats
-                    if out.bias is not None:
-                        out.bias /= repeats
-            grown.append(twin)
-    for i, layer in enumerate(grown):
-        layer.self_attn.layer_idx = i
-    adapter.decoder.layers = nn.ModuleList(grown)
-    probe.model.config.text_config.num_hidden_layers = depth
-    adapter.decoder.config.num_hidden_layers = depth
+    layers = probe.model.config.text_config.num_hidden_layers
+    if depth % layers:
+        raise SystemExit(f"--grow-to {depth} is not a multiple of --layers {layers}")
+    probe.model = repeat_layers(probe.model, depth // layers, mode)
+    probe.model.model.vision_tower.requires_grad_(False)
 
 
 def batch(rng, probe, families, turns, size):
@@ -205,6 +187,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--held-out", type=int, default=256)
     ap.add_argument("--grow-at", type=int, default=0, help="step at which to deepen the language model")
     ap.add_argument("--grow-to", type=int, default=12)
+    ap.add_argument("--grow-mode", choices=["split", "identity"], default="split")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     families = args.families.split(",")
@@ -230,7 +213,7 @@ def main(argv=None) -> list[dict]:
     rng, t0, smooth, lines = random.Random(f"train-{args.seed}"), time.perf_counter(), None, []
     for step in range(1, args.steps + 1):
         if step == args.grow_at + 1 and args.grow_at:
-            grow(probe, args.grow_to)
+            grow(probe, args.grow_to, args.grow_mode)
             print(json.dumps({"grown_to": args.grow_to, **evaluate(probe, held_out, held_images)}), flush=True)
             opt, sched = optimizer(args.grow_at)
             params = probe.parameters()

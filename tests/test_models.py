@@ -121,10 +121,50 @@ def test_teacher_training_runs_every_stage(tiny_world, tmp_path):
     from harness.recovery.teacher import train_teacher
 
     stages = {"vision": dict(steps=2, batch_size=8), "align": dict(max_steps=1, batch_size=4),
-              "full": dict(max_steps=2, batch_size=4)}
+              "full": dict(max_steps=2, batch_size=4), "grow": dict(layers=3), "deep": dict(max_steps=1, batch_size=4)}
     summary = train_teacher("tiny-llava", tiny_world, tmp_path / "t", stages=stages, progress=False)
-    assert set(summary["stages"]) == {"vision", "align", "full"}
-    assert summary["stages"]["full"]["steps"] == 2
+    assert set(summary["stages"]) == {"vision", "align", "full", "deep"}
+    assert summary["stages"]["full"]["steps"] == 2 and summary["stages"]["deep"]["steps"] == 1
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "t")
-    assert model.config.text_config.num_hidden_layers == 12
+    assert model.config.text_config.num_hidden_layers == 12  # 3 trained layers, each repeated 4 times
     assert (tmp_path / "t" / "teacher.json").exists()
+    with pytest.raises(HarnessError, match="must divide"):
+        train_teacher("tiny-llava", tiny_world, tmp_path / "t5", stages={**stages, "grow": dict(layers=5)})
+    assert not (tmp_path / "t5").exists()
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-bunny", "tiny-llava-gqa", "tiny-qwen2"])
+def test_repeat_layers_copies_each_layer_with_scaled_residual_outputs(name, tmp_path):
+    """Growth for teacher training: layer j of the deep model is layer j // k of the shallow one, residual
+    outputs divided by k; once (k = 1) it is the same function; the result reloads with plain from_pretrained."""
+    from transformers import LlavaForConditionalGeneration
+
+    from harness.models.adapter import LMAdapter
+    from harness.pruning.apply import repeat_layers
+
+    model, _ = build_embedded(name, scale={"num_hidden_layers": 2})
+    model.eval()
+    ids = torch.randint(5, 60, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(repeat_layers(model, 1)(input_ids=ids).logits, model(input_ids=ids).logits)
+    grown = repeat_layers(model, 3)
+    small, big = LMAdapter(model), LMAdapter(grown)
+    assert len(big.layers) == 6 == grown.config.text_config.num_hidden_layers
+    outputs = {id(m) for layer in big.layers for m in (big.attn_linears(layer)[1], big.mlp_linears(layer)[1])}
+    for j, layer in enumerate(big.layers):
+        source = dict(small.layers[j // 3].named_modules())
+        for mod_name, module in layer.named_modules():
+            for p_name, p in module.named_parameters(recurse=False):
+                expected = getattr(source[mod_name], p_name) / (3 if id(module) in outputs else 1)
+                assert torch.allclose(p, expected, atol=0, rtol=1e-6), (j, mod_name, p_name)
+    identity = repeat_layers(model, 3, mode="identity").eval()  # the added copies start as identity maps
+    with torch.no_grad():
+        assert torch.allclose(identity(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)
+    grown.save_pretrained(tmp_path / "g")
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "g").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, grown.eval()(input_ids=ids).logits)
+    with pytest.raises(HarnessError, match="positive integer"):
+        repeat_layers(model, 0)
+    with pytest.raises(HarnessError, match="split or identity"):
+        repeat_layers(model, 2, mode="zero")

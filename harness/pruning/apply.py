@@ -47,6 +47,44 @@ def remove_layers(model: nn.Module, removed: Sequence[int]) -> nn.Module:
     return _rebuild(model, kept_layers, None)
 
 
+def repeat_layers(model: nn.Module, repeats: int, mode: str = "split") -> nn.Module:
+    """A new model with every decoder layer repeated `repeats` times in place (progressive stacking).
+
+    The inverse of layer removal, used to grow a shallow teacher into a deep one
+    (`harness teacher train`): copies of layer i take indices i*repeats ... i*repeats+repeats-1.
+    The copies' residual-branch outputs (attention output and MLP down projection, weights and
+    biases) are either divided by `repeats` ("split": every copy takes a 1/repeats share of the
+    layer's residual step, so all of them matter; close to the shallow model's function, not
+    equal to it), or kept on the first copy and zeroed on the others ("identity": the added
+    copies start as identity maps, so the deep model computes exactly what the shallow one did).
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise HarnessError(f"repeats must be a positive integer, got {repeats!r}")
+    if mode not in ("split", "identity"):
+        raise HarnessError(f"repeat mode must be split or identity, got {mode!r}")
+    adapter = LMAdapter(model)
+    n = len(adapter.layers)
+    order = [i for i in range(n) for _ in range(repeats)]
+    config = model.config.to_dict()
+    config["text_config"] = _text_config(adapter, config["text_config"], order, None)
+    layer0 = adapter.layers[0]
+    residual_outputs = {adapter.attn_linears(layer0)[1], adapter.mlp_linears(layer0)[1]}
+    scaled = {name for name, module in layer0.named_modules() if module in residual_outputs}
+    prefix = _module_name(model, adapter.layers) + "."
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if not key.startswith(prefix):
+            state[key] = tensor.clone()
+            continue
+        index, rest = key[len(prefix):].split(".", 1)
+        for copy_ in range(repeats):
+            factor = 1.0
+            if rest.rsplit(".", 1)[0] in scaled:
+                factor = 1 / repeats if mode == "split" else float(copy_ == 0)
+            state[f"{prefix}{int(index) * repeats + copy_}.{rest}"] = tensor * factor if factor != 1 else tensor.clone()
+    return _assemble(model, config, state)
+
+
 def slice_widths(model: nn.Module, kept: Sequence[dict], kept_hidden: Sequence[int] | None = None,
                  kept_projector: Sequence[int] | None = None) -> nn.Module:
     """A new model keeping, per layer, the listed query heads, KV heads and MLP channels.
@@ -92,12 +130,17 @@ def _check_keep(adapter: LMAdapter, layer: nn.Module, keep: dict, index: int) ->
 
 def _rebuild(model: nn.Module, kept_layers: list[int], kept: list[dict] | None,
              hidden: tuple[list[int], list[int]] | None = None) -> nn.Module:
-    from transformers import LlavaConfig
-
     adapter = LMAdapter(model)
     config = model.config.to_dict()
     config["text_config"] = _text_config(adapter, config["text_config"], kept_layers, kept, hidden)
     state = _sliced_state(model, adapter, kept_layers, kept, _hidden_cuts(model, adapter, hidden))
+    return _assemble(model, config, state)
+
+
+def _assemble(model: nn.Module, config: dict, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A new model of `config` holding `state`, with the source's dtype, device, generation config and mode."""
+    from transformers import LlavaConfig
+
     param = next(model.parameters())
     # LlavaConfig(**d) is LlavaConfig.from_dict(d) without the log line that serialises the whole config
     pruned = empty_model(LlavaConfig(**config), param.dtype, param.device)

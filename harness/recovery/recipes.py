@@ -129,8 +129,7 @@ PRESETS: dict[str, Recipe] = {
         # trained in stage 2 because no pretrained CLIP/SigLIP can be downloaded here.
         # The committed teachers were trained before length grouping: off here keeps them reproducible.
         Recipe("teacher-align", lr=1e-3, batch_size=64, warmup_ratio=0.05, adam_beta2=0.98, group_by_length=False),
-        Recipe("teacher-full", vision="full", language_model="full", lr=7e-4, batch_size=64,
-               weight_decay=0.01, warmup_ratio=0.05, adam_beta2=0.98, group_by_length=False),
+        Recipe("teacher-full", language_model="full", lr=1e-3, batch_size=32, warmup_ratio=0.05, adam_beta2=0.98),
     ]
 }
 

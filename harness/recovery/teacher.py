@@ -2,9 +2,13 @@
 
 Stage 0 pretrains the vision tower (`vision_pretrain.py`: the stand-in for CLIP or
 SigLIP pretraining, which cannot be downloaded here). Then LLaVA's two stages:
-stage 1 aligns the projector alone, stage 2 trains vision tower, projector and
-language model together. Stages 1 and 2 run through the same Lightning module and
-Trainer as recovery.
+stage 1 aligns the projector alone, stage 2 trains projector and language model
+(the vision tower stays frozen, as in LLaVA-1.5). Stage 2 grows the language model
+(progressive stacking): it first trains a shallow language model (`grow.layers`
+decoder layers), which learns the world's questions several times faster per step
+and per second than the full depth does, then repeats every layer to the embedded
+spec's depth (`pruning.apply.repeat_layers`) and trains all of it (`deep`).
+Stages 1 and 2 run through the same Lightning module and Trainer as recovery.
 """
 
 from __future__ import annotations
@@ -15,14 +19,19 @@ from pathlib import Path
 from harness.data.datamodule import MixDataModule
 from harness.errors import HarnessError
 from harness.models.embedded import EMBEDDED, build_embedded
+from harness.pruning.apply import repeat_layers
 from harness.recovery.module import RecoveryModule
 from harness.recovery.recipes import get_recipe
 from harness.recovery.train import make_logger, save_model, train
 from harness.recovery.vision_pretrain import pretrain_vision, standardize_projector_input
 
-# Tuned on these 2 CPU cores (README: teacher quality table).
-STAGES = {"vision": dict(steps=600), "align": dict(max_steps=100), "full": dict(epochs=2.0)}
-VISION_SETTINGS = ("steps", "batch_size", "lr")  # pretrain_vision's knobs; align and full take any recipe field
+# Tuned on these 2 CPU cores (README: teacher quality table). `full` trains the shallow
+# language model of `grow.layers` layers; `deep` trains it after growing to the spec's depth.
+STAGES = {"vision": dict(steps=600), "align": dict(max_steps=100), "full": dict(epochs=8.0),
+          "grow": dict(layers=2, mode="split"), "deep": dict(epochs=1.0, lr=5e-4)}
+GROW_MODES = ("split", "identity")  # how `repeat_layers` initialises the copies
+VISION_SETTINGS = ("steps", "batch_size", "lr")  # pretrain_vision's knobs; align, full and deep take any recipe field
+RECIPES = {"align": "teacher-align", "full": "teacher-full", "deep": "teacher-full"}
 
 
 def stage_settings(overrides: dict | None = None) -> dict:
@@ -32,6 +41,11 @@ def stage_settings(overrides: dict | None = None) -> dict:
         stage, _, field = key.partition(".")
         if stage not in stages or not field:
             raise HarnessError(f"teacher setting {key!r} must be STAGE.FIELD with STAGE one of {', '.join(STAGES)}")
+        if stage == "grow" and field == "mode" and value not in GROW_MODES:
+            raise HarnessError(f"teacher setting {key!r} must be one of {', '.join(GROW_MODES)}, got {value!r}")
+        if stage == "grow" and field != "mode" and (
+                field != "layers" or isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise HarnessError(f"teacher setting {key!r}: the grow stage takes layers (a positive int) and mode")
         if stage == "vision" and field not in VISION_SETTINGS:
             raise HarnessError(f"teacher setting {key!r}: the vision stage takes {', '.join(VISION_SETTINGS)}")
         kind = float if field == "lr" else int
@@ -39,7 +53,7 @@ def stage_settings(overrides: dict | None = None) -> dict:
                                   or value <= 0):
             raise HarnessError(f"teacher setting {key!r} must be a positive {kind.__name__}, got {value!r}")
         stages[stage][field] = value
-    for stage, recipe_name in (("align", "teacher-align"), ("full", "teacher-full")):
+    for stage, recipe_name in RECIPES.items():
         try:  # unknown or mistyped recipe fields fail here, before any training
             get_recipe(recipe_name, **stages[stage])
         except HarnessError as e:
@@ -52,14 +66,22 @@ def train_teacher(name: str, data: str | Path, out: str | Path, seed: int = 0, s
     if name not in EMBEDDED:
         raise HarnessError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED)}")
     stages = stages or STAGES
-    model, processor = build_embedded(name, seed=seed)
+    depth = EMBEDDED[name].text.get("num_hidden_layers", 12)
+    shallow = stages["grow"]["layers"]
+    if depth % shallow:
+        raise HarnessError(f"teacher setting grow.layers={shallow} must divide {name}'s {depth} decoder layers")
+    model, processor = build_embedded(name, seed=seed, scale={"num_hidden_layers": shallow})
     summary = {"model": name, "seed": seed, "settings": stages, "stages": {}}
     t0 = time.perf_counter()
     summary["stages"]["vision"] = pretrain_vision(model, processor, seed=seed, progress=progress, **stages["vision"])
     standardize_projector_input(model, processor, seed=seed)
     captions = Path(data) / "align.json"
-    for stage, recipe_name in (("align", "teacher-align"), ("full", "teacher-full")):
-        recipe = get_recipe(recipe_name, seed=seed, **stages[stage])
+    for stage in ("align", "full", "deep"):
+        if stage == "deep":
+            if shallow == depth:
+                break
+            model = repeat_layers(model, depth // shallow, stages["grow"].get("mode", "split"))
+        recipe = get_recipe(RECIPES[stage], seed=seed, **stages[stage])
         source = captions if stage == "align" and captions.exists() else data
         dm = MixDataModule(source, processor, model.config, 1.0, recipe.batch_size, seed, recipe.max_length,
                            group_by_length=recipe.group_by_length)
