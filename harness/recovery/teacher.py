@@ -30,8 +30,24 @@ from harness.recovery.vision_pretrain import pretrain_vision, standardize_projec
 STAGES = {"vision": dict(steps=600), "align": dict(max_steps=100), "full": dict(epochs=8.0),
           "grow": dict(layers=2, mode="split"), "deep": dict(epochs=1.0, lr=5e-4)}
 GROW_MODES = ("split", "identity")  # how `repeat_layers` initialises the copies
-VISION_SETTINGS = ("steps", "batch_size", "lr")  # pretrain_vision's knobs; align, full and deep take any recipe field
-RECIPES = {"align": "teacher-align", "full": "teacher-full", "deep": "teacher-full"}
+RECIPES = {"align": "teacher-align", "full": "teacher-full", "deep": "teacher-full"}  # any recipe field applies
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _positive_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+
+
+# The fields of the stages that are not recipes: field -> (check, what the value must be).
+OTHER_SETTINGS = {
+    "vision": {"steps": (_positive_int, "a positive int"), "batch_size": (_positive_int, "a positive int"),
+               "lr": (_positive_number, "a positive number")},
+    "grow": {"layers": (_positive_int, "a positive int"),
+             "mode": (lambda v: v in GROW_MODES, f"one of {', '.join(GROW_MODES)}")},
+}
 
 
 def stage_settings(overrides: dict | None = None) -> dict:
@@ -41,17 +57,13 @@ def stage_settings(overrides: dict | None = None) -> dict:
         stage, _, field = key.partition(".")
         if stage not in stages or not field:
             raise HarnessError(f"teacher setting {key!r} must be STAGE.FIELD with STAGE one of {', '.join(STAGES)}")
-        if stage == "grow" and field == "mode" and value not in GROW_MODES:
-            raise HarnessError(f"teacher setting {key!r} must be one of {', '.join(GROW_MODES)}, got {value!r}")
-        if stage == "grow" and field != "mode" and (
-                field != "layers" or isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise HarnessError(f"teacher setting {key!r}: the grow stage takes layers (a positive int) and mode")
-        if stage == "vision" and field not in VISION_SETTINGS:
-            raise HarnessError(f"teacher setting {key!r}: the vision stage takes {', '.join(VISION_SETTINGS)}")
-        kind = float if field == "lr" else int
-        if stage == "vision" and (isinstance(value, bool) or not isinstance(value, kind if kind is int else int | float)
-                                  or value <= 0):
-            raise HarnessError(f"teacher setting {key!r} must be a positive {kind.__name__}, got {value!r}")
+        if stage in OTHER_SETTINGS:
+            fields = OTHER_SETTINGS[stage]
+            if field not in fields:
+                raise HarnessError(f"teacher setting {key!r}: the {stage} stage takes {', '.join(fields)}")
+            check, what = fields[field]
+            if not check(value):
+                raise HarnessError(f"teacher setting {key!r} must be {what}, got {value!r}")
         stages[stage][field] = value
     for stage, recipe_name in RECIPES.items():
         try:  # unknown or mistyped recipe fields fail here, before any training
