@@ -30,18 +30,9 @@ from torch import nn
 
 from harness.data import world
 from harness.data.instruct import Collator
+from harness.recovery.vision_pretrain import N_COLOR, N_KIND, cell_labels
 
 FAMILIES = ["gqa", "pope", "mme", "sqa", "count", "text"]
-
-
-def ask(family: str, scene: world.Scene, rng: random.Random) -> dict | None:
-    """One question of a family, drawn as `world.training_turns` draws it."""
-    if family == "pope":
-        return world.ask_pope(scene, rng, rng.choice(["random", "popular", "adversarial"]), rng.random() < 0.5)
-    if family == "mme":
-        pair = world.ask_mme_pair(scene, rng)
-        return rng.choice(pair) if pair else None
-    return {"gqa": world.ask_gqa, "sqa": world.ask_sqa, "count": world.ask_count, "text": world.ask_text}[family](scene, rng)
 
 
 def draw(rng: random.Random, families: list[str], turns: int) -> tuple[world.Scene, list[tuple[str, str, str]]]:
@@ -51,23 +42,13 @@ def draw(rng: random.Random, families: list[str], turns: int) -> tuple[world.Sce
         qa = []
         for _ in range(5 * turns):
             family = rng.choice(families)
-            q = ask(family, scene, rng)
+            q = world.ask(family, scene, rng)
             if q is not None:
                 qa.append((world.with_suffix(family, q["question"]), q["answer"], family))
             if len(qa) == turns:
                 break
         if qa:
             return scene, qa
-
-
-def cell_ids(scene: world.Scene) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per cell (row-major): colour id (0 = empty) and kind id (0 = empty, shapes, then digits)."""
-    color, kind = torch.zeros(9, dtype=torch.long), torch.zeros(9, dtype=torch.long)
-    for t in scene.things:
-        i = t.row * world.GRID + t.col
-        color[i] = 1 + list(world.COLORS).index(t.color)
-        kind[i] = 1 + (world.SHAPES.index(t.shape) if t.digit < 0 else len(world.SHAPES) + t.digit)
-    return color, kind
 
 
 class Probe:
@@ -91,8 +72,7 @@ class Probe:
             self.model.model.language_model, self.model.lm_head = lm.model, lm.lm_head
         self.model.model.vision_tower.requires_grad_(False)
         width = text.hidden_size
-        self.oracle = nn.ModuleDict({"color": nn.Embedding(1 + len(world.COLORS), width),
-                                     "kind": nn.Embedding(1 + len(world.SHAPES) + 10, width),
+        self.oracle = nn.ModuleDict({"color": nn.Embedding(N_COLOR, width), "kind": nn.Embedding(N_KIND, width),
                                      "cell": nn.Embedding(9, width)})
         for emb in self.oracle.values():
             nn.init.normal_(emb.weight, std=0.5)
@@ -125,7 +105,7 @@ class Probe:
         embeds = self.model.get_input_embeddings()(ids)
         if self.image == "oracle":
             for i, (scene, _) in enumerate(samples):
-                color, kind = cell_ids(scene)
+                kind, color, _ = cell_labels(scene).unbind(1)
                 cells = self.oracle["color"](color) + self.oracle["kind"](kind) + self.oracle["cell"](torch.arange(9))
                 embeds[i, ids[i] == self.image_token] = cells
         return self.model(inputs_embeds=embeds, attention_mask=mask).logits, labels

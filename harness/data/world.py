@@ -319,6 +319,16 @@ def with_suffix(family: str, question: str) -> str:
     return f"{question} {SUFFIX[family]}"
 
 
+def ask(family: str, scene: Scene, rng: random.Random) -> dict | None:
+    """One training question of a family (POPE: a random negative kind; MME: one question of a pair)."""
+    if family == "pope":
+        return ask_pope(scene, rng, rng.choice(["random", "popular", "adversarial"]), rng.random() < 0.5)
+    if family == "mme":
+        pair = ask_mme_pair(scene, rng)
+        return rng.choice(pair) if pair else None
+    return {"gqa": ask_gqa, "sqa": ask_sqa, "count": ask_count, "text": ask_text}[family](scene, rng)
+
+
 def training_turns(scene: Scene, rng: random.Random, n_turns: int) -> list[tuple[str, str]]:
     """A multi-turn conversation mixing every question family, plus an occasional caption."""
     turns: list[tuple[str, str]] = []
@@ -331,13 +341,7 @@ def training_turns(scene: Scene, rng: random.Random, n_turns: int) -> list[tuple
         if fam == "caption":
             turns.append(("describe the image.", caption(scene)))
             continue
-        if fam == "pope":
-            q = ask_pope(scene, rng, rng.choice(["random", "popular", "adversarial"]), rng.random() < 0.5)
-        elif fam == "mme":
-            pair = ask_mme_pair(scene, rng)
-            q = rng.choice(pair) if pair else None
-        else:
-            q = {"gqa": ask_gqa, "sqa": ask_sqa, "count": ask_count, "text": ask_text}[fam](scene, rng)
+        q = ask(fam, scene, rng)
         if q is not None and all(q["question"] not in t[0] for t in turns):
             turns.append((with_suffix(fam, q["question"]), q["answer"]))
     return turns
