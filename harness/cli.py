@@ -54,9 +54,13 @@ class _Parser(argparse.ArgumentParser):
 def cmd_data_make(args) -> None:
     from harness.data.make import WorldSpec, make_world
 
-    spec = WorldSpec(seed=args.seed, mix_size=args.mix_size, benchmark_size=args.benchmark_size)
+    given = {"mix_size": args.mix_size, "benchmark_size": args.benchmark_size,
+             "records_per_image": args.records_per_image}
+    spec = WorldSpec(seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     out = make_world(args.out, spec, overwrite=args.overwrite)
-    print(f"world written to {out} ({spec.mix_size} training samples, {spec.benchmark_size} items per benchmark)")
+    n_images = -(-spec.mix_size // spec.records_per_image)
+    print(f"world written to {out} ({spec.mix_size} training records on {n_images} images, "
+          f"{spec.benchmark_size} items per benchmark)")
 
 
 def cmd_teacher_train(args) -> None:
@@ -139,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     make = data.add_parser("make", help="generate the training mix and benchmark splits")
     make.add_argument("--out", default=DEFAULT_DATA)
     make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--mix-size", type=int, default=20000)
-    make.add_argument("--benchmark-size", type=int, default=400)
+    make.add_argument("--mix-size", type=int, help="training records (default 40000)")
+    make.add_argument("--records-per-image", type=int, help="consecutive records sharing one image (default 2)")
+    make.add_argument("--benchmark-size", type=int, help="items per benchmark (default 400)")
     make.add_argument("--overwrite", action="store_true")
     make.set_defaults(func=cmd_data_make)
 

@@ -182,7 +182,7 @@ def test_teacher_probe_scores_every_family_and_repeats(image):
     """The learning-speed probe behind the README's teacher-quality numbers: per-family scores, deterministic."""
     import teacher_probe
 
-    argv = ["--image", image, "--layers", "1", "--steps", "6", "--every", "3", "--batch", "4", "--held-out", "24",
+    argv = ["--image", image, "--layers", "1", "--steps", "6", "--every", "3", "--batch", "4", "--turns", "4", "--held-out", "24",
             "--teacher", str(Path(__file__).resolve().parents[1] / "artifacts/teachers/tiny-llava")]
     first = teacher_probe.main(argv)
     assert [line["step"] for line in first] == [3, 6]

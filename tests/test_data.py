@@ -39,6 +39,16 @@ def test_llava_json_format_and_benchmarks(tiny_world):
         assert (tiny_world / "benchmarks" / f"{task}.parquet").exists()
 
 
+def test_records_share_images_in_runs(tmp_path):
+    """Consecutive records ask about one image; the alignment captions have one record per image."""
+    world = make_world(tmp_path / "w", WorldSpec(mix_size=10, benchmark_size=2, records_per_image=4, max_turns=2))
+    records = json.loads((world / "mix.json").read_text())
+    assert [r["image"] for r in records] == [f"images/{i // 4:06d}.png" for i in range(10)]
+    assert sorted(p.name for p in (world / "images").iterdir()) == [f"{i:06d}.png" for i in range(3)]
+    assert [r["image"] for r in json.loads((world / "align.json").read_text())] == [f"images/{i:06d}.png" for i in range(3)]
+    assert {len(r["conversations"]) for r in records} <= {2, 4}
+
+
 def test_pope_and_mme_are_balanced(tmp_path):
     from datasets import load_dataset
 
@@ -114,6 +124,8 @@ def test_bad_mix_inputs(tmp_path):
 def test_bad_world_spec_writes_nothing(tmp_path):
     with pytest.raises(HarnessError, match="mix_size"):
         make_world(tmp_path / "w", WorldSpec(mix_size=0))
+    with pytest.raises(HarnessError, match="records_per_image"):
+        make_world(tmp_path / "w", WorldSpec(records_per_image=0))
     assert not (tmp_path / "w").exists()
 
 

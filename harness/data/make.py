@@ -29,10 +29,14 @@ BENCHMARKS = ("synth_gqa", "synth_pope", "synth_mme", "synth_sqa", "synth_count"
 @dataclass(frozen=True)
 class WorldSpec:
     seed: int = 0
-    mix_size: int = 20000
+    mix_size: int = 40000  # conversations (records) in the training mix
     benchmark_size: int = 400
-    min_turns: int = 3
-    max_turns: int = 6
+    min_turns: int = 1
+    max_turns: int = 1
+    # Consecutive records share one image, as LLaVA-665k's VQA subsets share COCO images.
+    # One question per record and many images per batch teach a from-scratch teacher far
+    # faster than multi-turn records at the same compute (README: teacher training).
+    records_per_image: int = 2
 
     def validate(self) -> None:
         if self.mix_size < 1:
@@ -41,6 +45,8 @@ class WorldSpec:
             raise HarnessError(f"benchmark_size must be >= 2, got {self.benchmark_size}")
         if not 1 <= self.min_turns <= self.max_turns:
             raise HarnessError(f"need 1 <= min_turns <= max_turns, got {self.min_turns}, {self.max_turns}")
+        if self.records_per_image < 1:
+            raise HarnessError(f"records_per_image must be >= 1, got {self.records_per_image}")
 
 
 def _png_bytes(img) -> bytes:
@@ -54,17 +60,19 @@ def make_mix(spec: WorldSpec, out: Path) -> int:
     (out / "images").mkdir(parents=True)
     records, captions = [], []
     for i in range(spec.mix_size):
-        scene = world.random_scene(rng)
-        name = f"images/{i:06d}.png"
-        (out / name).write_bytes(_png_bytes(world.render(scene, noise_seed=rng.getrandbits(32))))
+        if i % spec.records_per_image == 0:
+            scene = world.random_scene(rng)
+            name = f"images/{i // spec.records_per_image:06d}.png"
+            (out / name).write_bytes(_png_bytes(world.render(scene, noise_seed=rng.getrandbits(32))))
+            captions.append({"id": f"synth-cap-{i // spec.records_per_image:06d}", "image": name, "conversations": [
+                {"from": "human", "value": "<image>\ndescribe the image."},
+                {"from": "gpt", "value": world.caption(scene)}]})
         turns = world.training_turns(scene, rng, rng.randint(spec.min_turns, spec.max_turns))
         conversations = []
         for k, (q, a) in enumerate(turns):
             conversations.append({"from": "human", "value": ("<image>\n" + q) if k == 0 else q})
             conversations.append({"from": "gpt", "value": a})
         records.append({"id": f"synth-{i:06d}", "image": name, "conversations": conversations})
-        captions.append({"id": f"synth-cap-{i:06d}", "image": name, "conversations": [
-            {"from": "human", "value": "<image>\ndescribe the image."}, {"from": "gpt", "value": world.caption(scene)}]})
     (out / "mix.json").write_text(json.dumps(records, indent=0, sort_keys=True))
     # Like LLaVA's 558k caption set: the alignment stage's data, over the same images.
     (out / "align.json").write_text(json.dumps(captions, indent=0, sort_keys=True))

@@ -330,17 +330,17 @@ def ask(family: str, scene: Scene, rng: random.Random) -> dict | None:
 
 
 def training_turns(scene: Scene, rng: random.Random, n_turns: int) -> list[tuple[str, str]]:
-    """A multi-turn conversation mixing every question family, plus an occasional caption."""
+    """A conversation of `n_turns` questions mixing every family.
+
+    No captions: they are the alignment stage's data (`align.json`), and in a token-mean
+    loss one 30-token caption outweighs a dozen one-word answers.
+    """
     turns: list[tuple[str, str]] = []
-    families = ["gqa", "gqa", "gqa", "pope", "pope", "mme", "mme", "sqa", "sqa", "count", "count", "text", "text",
-                "caption"]
+    families = ["gqa", "gqa", "gqa", "pope", "pope", "mme", "mme", "sqa", "sqa", "count", "count", "text", "text"]
     attempts = 0
     while len(turns) < n_turns and attempts < 40:
         attempts += 1
         fam = rng.choice(families)
-        if fam == "caption":
-            turns.append(("describe the image.", caption(scene)))
-            continue
         q = ask(fam, scene, rng)
         if q is not None and all(q["question"] not in t[0] for t in turns):
             turns.append((with_suffix(fam, q["question"]), q["answer"]))
