@@ -60,11 +60,12 @@ def make_mix(spec: WorldSpec, out: Path) -> int:
     (out / "images").mkdir(parents=True)
     records, captions = [], []
     for i in range(spec.mix_size):
-        if i % spec.records_per_image == 0:
+        image_index, position = divmod(i, spec.records_per_image)  # position among its image's records
+        if position == 0:
             scene = world.random_scene(rng)
-            name = f"images/{i // spec.records_per_image:06d}.png"
+            name = f"images/{image_index:06d}.png"
             (out / name).write_bytes(_png_bytes(world.render(scene, noise_seed=rng.getrandbits(32))))
-            captions.append({"id": f"synth-cap-{i // spec.records_per_image:06d}", "image": name, "conversations": [
+            captions.append({"id": f"synth-cap-{image_index:06d}", "image": name, "conversations": [
                 {"from": "human", "value": "<image>\ndescribe the image."},
                 {"from": "gpt", "value": world.caption(scene)}]})
         turns = world.training_turns(scene, rng, rng.randint(spec.min_turns, spec.max_turns))
