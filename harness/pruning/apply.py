@@ -47,6 +47,9 @@ def remove_layers(model: nn.Module, removed: Sequence[int]) -> nn.Module:
     return _rebuild(model, kept_layers, None)
 
 
+REPEAT_MODES = ("split", "identity")  # how `repeat_layers` initialises the copies
+
+
 def repeat_layers(model: nn.Module, repeats: int, mode: str = "split") -> nn.Module:
     """A new model with every decoder layer repeated `repeats` times in place (progressive stacking).
 
@@ -60,7 +63,7 @@ def repeat_layers(model: nn.Module, repeats: int, mode: str = "split") -> nn.Mod
     """
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise HarnessError(f"repeats must be a positive integer, got {repeats!r}")
-    if mode not in ("split", "identity"):
+    if mode not in REPEAT_MODES:
         raise HarnessError(f"repeat mode must be split or identity, got {mode!r}")
     adapter = LMAdapter(model)
     n = len(adapter.layers)

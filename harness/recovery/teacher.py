@@ -19,7 +19,7 @@ from pathlib import Path
 from harness.data.datamodule import MixDataModule
 from harness.errors import HarnessError
 from harness.models.embedded import EMBEDDED, build_embedded
-from harness.pruning.apply import repeat_layers
+from harness.pruning.apply import REPEAT_MODES, repeat_layers
 from harness.recovery.module import RecoveryModule
 from harness.recovery.recipes import get_recipe
 from harness.recovery.train import make_logger, save_model, train
@@ -29,7 +29,6 @@ from harness.recovery.vision_pretrain import pretrain_vision, standardize_projec
 # language model of `grow.layers` layers; `deep` trains it after growing to the spec's depth.
 STAGES = {"vision": dict(steps=1000), "align": dict(max_steps=100), "full": dict(epochs=10.0),
           "grow": dict(layers=2, mode="split"), "deep": dict(epochs=1.0, lr=5e-4)}
-GROW_MODES = ("split", "identity")  # how `repeat_layers` initialises the copies
 RECIPES = {"align": "teacher-align", "full": "teacher-full", "deep": "teacher-full"}  # any recipe field applies
 
 
@@ -46,7 +45,7 @@ OTHER_SETTINGS = {
     "vision": {"steps": (_positive_int, "a positive int"), "batch_size": (_positive_int, "a positive int"),
                "lr": (_positive_number, "a positive number")},
     "grow": {"layers": (_positive_int, "a positive int"),
-             "mode": (lambda v: v in GROW_MODES, f"one of {', '.join(GROW_MODES)}")},
+             "mode": (lambda v: v in REPEAT_MODES, f"one of {', '.join(REPEAT_MODES)}")},
 }
 
 
