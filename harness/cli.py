@@ -51,11 +51,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
+def _parse_weights(text: str) -> dict[str, int]:
+    """`sqa=4,pope=1` -> {"sqa": 4, "pope": 1}."""
+    weights = {}
+    for item in text.split(","):
+        family, _, value = item.partition("=")
+        try:
+            weights[family.strip()] = int(value)
+        except ValueError:
+            raise HarnessError(f"--family-weights: {item!r} must be FAMILY=INT, e.g. sqa=4") from None
+    return weights
+
+
 def cmd_data_make(args) -> None:
     from harness.data.make import WorldSpec, make_world
 
     given = {"mix_size": args.mix_size, "benchmark_size": args.benchmark_size,
              "records_per_image": args.records_per_image}
+    if args.family_weights:
+        given["family_weights"] = {**WorldSpec().family_weights, **_parse_weights(args.family_weights)}
     spec = WorldSpec(seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     out = make_world(args.out, spec, overwrite=args.overwrite)
     n_images = -(-spec.mix_size // spec.records_per_image)
@@ -146,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--mix-size", type=int, help="training records (default 40000)")
     make.add_argument("--records-per-image", type=int, help="consecutive records sharing one image (default 2)")
     make.add_argument("--benchmark-size", type=int, help="items per benchmark (default 400)")
+    make.add_argument("--family-weights", help="question families' relative shares in the mix, e.g. sqa=4,pope=1; "
+                      "families not named keep their default (harness.data.world.FAMILY_WEIGHTS)")
     make.add_argument("--overwrite", action="store_true")
     make.set_defaults(func=cmd_data_make)
 

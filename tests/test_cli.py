@@ -15,6 +15,8 @@ from harness.cli import main
      "KEY=VALUE"),
     (["grid", "plan", "{tmp}/missing.yaml"], "spec file not found"),
     (["data", "make", "--out", "{tmp}/o", "--mix-size", "0"], "mix_size"),
+    (["data", "make", "--out", "{tmp}/o", "--family-weights", "sqa=four"], "FAMILY=INT"),
+    (["data", "make", "--out", "{tmp}/o", "--family-weights", "vqa=1"], "unknown families"),
     (["teacher", "train", "tiny-gpt", "--out", "{tmp}/o"], "unknown embedded model"),
     (["prune", "no-such-model", "--method", "layer-bi", "--ratio", "0.3", "--out", "{tmp}/o"], "unknown model"),
     (["eval", "no-such-model", "--tasks", "synth", "--data", "{tmp}/nodata", "--out", "{tmp}/o/e.json"],

@@ -49,6 +49,17 @@ def test_records_share_images_in_runs(tmp_path):
     assert {len(r["conversations"]) for r in records} <= {2, 4}
 
 
+def test_family_weights_set_the_mix(tmp_path):
+    """Only weighted families are asked; the weights are part of the world's identity."""
+    weights = {"gqa": 0, "pope": 0, "mme": 0, "sqa": 1, "count": 1, "text": 0}
+    world = make_world(tmp_path / "w", WorldSpec(mix_size=60, benchmark_size=2, family_weights=weights))
+    asked = [r["conversations"][0]["value"].rsplit(" ", 1)[1] for r in json.loads((world / "mix.json").read_text())]
+    assert set(asked) == {"letter.", "number."}  # the suffixes of lettered choice and counting
+    assert json.loads((world / "manifest.json").read_text())["spec"]["family_weights"] == weights
+    with pytest.raises(HarnessError, match="different world"):
+        make_world(world, WorldSpec(mix_size=60, benchmark_size=2))
+
+
 def test_pope_and_mme_are_balanced(tmp_path):
     from datasets import load_dataset
 
@@ -126,6 +137,12 @@ def test_bad_world_spec_writes_nothing(tmp_path):
         make_world(tmp_path / "w", WorldSpec(mix_size=0))
     with pytest.raises(HarnessError, match="records_per_image"):
         make_world(tmp_path / "w", WorldSpec(records_per_image=0))
+    with pytest.raises(HarnessError, match="unknown families"):
+        make_world(tmp_path / "w", WorldSpec(family_weights={"vqa": 1}))
+    with pytest.raises(HarnessError, match="not all zero"):
+        make_world(tmp_path / "w", WorldSpec(family_weights={"sqa": 0}))
+    with pytest.raises(HarnessError, match="ask nothing"):  # scenes without digits cannot be read
+        make_world(tmp_path / "w", WorldSpec(mix_size=20, family_weights={"text": 1}))
     assert not (tmp_path / "w").exists()
 
 

@@ -16,7 +16,7 @@ import io
 import json
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from harness.data import world
@@ -37,6 +37,8 @@ class WorldSpec:
     # One question per record and many images per batch teach a from-scratch teacher far
     # faster than multi-turn records at the same compute (README: teacher training).
     records_per_image: int = 2
+    # Relative frequency of each question family in the mix (world.FAMILY_WEIGHTS).
+    family_weights: dict[str, int] = field(default_factory=lambda: dict(world.FAMILY_WEIGHTS))
 
     def validate(self) -> None:
         if self.mix_size < 1:
@@ -47,6 +49,12 @@ class WorldSpec:
             raise HarnessError(f"need 1 <= min_turns <= max_turns, got {self.min_turns}, {self.max_turns}")
         if self.records_per_image < 1:
             raise HarnessError(f"records_per_image must be >= 1, got {self.records_per_image}")
+        unknown = sorted(set(self.family_weights) - set(world.SUFFIX))
+        if unknown:
+            raise HarnessError(f"family_weights: unknown families {unknown}; known: {', '.join(world.SUFFIX)}")
+        bad = {f: w for f, w in self.family_weights.items() if not isinstance(w, int) or isinstance(w, bool) or w < 0}
+        if bad or not any(self.family_weights.values()):
+            raise HarnessError(f"family_weights must be non-negative ints, not all zero, got {self.family_weights}")
 
 
 def _png_bytes(img) -> bytes:
@@ -68,7 +76,10 @@ def make_mix(spec: WorldSpec, out: Path) -> int:
             captions.append({"id": f"synth-cap-{image_index:06d}", "image": name, "conversations": [
                 {"from": "human", "value": "<image>\ndescribe the image."},
                 {"from": "gpt", "value": world.caption(scene)}]})
-        turns = world.training_turns(scene, rng, rng.randint(spec.min_turns, spec.max_turns))
+        turns = world.training_turns(scene, rng, rng.randint(spec.min_turns, spec.max_turns), spec.family_weights)
+        if not turns:
+            raise HarnessError(f"family_weights {spec.family_weights} ask nothing about {name}; "
+                               "give weight to a family every scene answers (gqa, pope, count)")
         conversations = []
         for k, (q, a) in enumerate(turns):
             conversations.append({"from": "human", "value": ("<image>\n" + q) if k == 0 else q})

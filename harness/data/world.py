@@ -329,14 +329,22 @@ def ask(family: str, scene: Scene, rng: random.Random) -> dict | None:
     return {"gqa": ask_gqa, "sqa": ask_sqa, "count": ask_count, "text": ask_text}[family](scene, rng)
 
 
-def training_turns(scene: Scene, rng: random.Random, n_turns: int) -> list[tuple[str, str]]:
-    """A conversation of `n_turns` questions mixing every family.
+# How often each family is asked in the training mix (`WorldSpec.family_weights`).
+# GQA, the broadest family, gets the most. (Asking lettered choice and counting most,
+# sqa=4 and count=3, helped one teacher's lettered choice and hurt the other teacher
+# everywhere: README, teacher training.)
+FAMILY_WEIGHTS = {"gqa": 3, "pope": 2, "mme": 2, "sqa": 2, "count": 2, "text": 2}
+
+
+def training_turns(scene: Scene, rng: random.Random, n_turns: int,
+                   weights: dict[str, int] | None = None) -> list[tuple[str, str]]:
+    """A conversation of `n_turns` questions, each of a family drawn by `weights`.
 
     No captions: they are the alignment stage's data (`align.json`), and in a token-mean
     loss one 30-token caption outweighs a dozen one-word answers.
     """
     turns: list[tuple[str, str]] = []
-    families = ["gqa", "gqa", "gqa", "pope", "pope", "mme", "mme", "sqa", "sqa", "count", "count", "text", "text"]
+    families = [f for f, w in (weights or FAMILY_WEIGHTS).items() for _ in range(w)]
     attempts = 0
     while len(turns) < n_turns and attempts < 40:
         attempts += 1
