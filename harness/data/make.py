@@ -52,8 +52,8 @@ class WorldSpec:
         unknown = sorted(set(self.family_weights) - set(world.SUFFIX))
         if unknown:
             raise HarnessError(f"family_weights: unknown families {unknown}; known: {', '.join(world.SUFFIX)}")
-        bad = {f: w for f, w in self.family_weights.items() if not isinstance(w, int) or isinstance(w, bool) or w < 0}
-        if bad or not any(self.family_weights.values()):
+        weights = self.family_weights.values()
+        if any(not isinstance(w, int) or isinstance(w, bool) or w < 0 for w in weights) or not any(weights):
             raise HarnessError(f"family_weights must be non-negative ints, not all zero, got {self.family_weights}")
 
 
