@@ -114,6 +114,20 @@ def test_vision_pretraining_targets_read_every_cell():
     assert all(labels[i].tolist() == [0, 0, 0] for i in empty)
 
 
+def test_vision_pretraining_teaches_the_features_where_each_patch_is():
+    """Stage 0's cell head: the projector's input layer names its cell, as CLIP/SigLIP features do.
+
+    Without it the tower dropped its position embeddings: a linear probe on the earlier
+    teachers' image tokens found the cell at chance.
+    """
+    from harness.recovery.vision_pretrain import pretrain_vision
+
+    model, processor = build_embedded("tiny-bunny", seed=0, scale={"num_hidden_layers": 1})
+    metrics = pretrain_vision(model, processor, steps=150, batch_size=32, progress=False)
+    assert metrics["vision/cell_acc"] > 0.9  # every patch, empty ones included; chance is 1/9
+    assert metrics["vision/color_acc"] > 0.9  # and the content heads still learn
+
+
 def test_teacher_training_runs_every_stage(tiny_world, tmp_path):
     """`harness teacher train` end to end on a few steps: an HF checkpoint and a record of each stage."""
     from transformers import LlavaForConditionalGeneration

@@ -28,7 +28,7 @@ from harness.recovery.vision_pretrain import pretrain_vision, standardize_projec
 # Tuned on these 2 CPU cores (README: teacher quality table). `full` trains the shallow
 # language model of `grow.layers` layers; `deep` trains it after growing to the spec's depth.
 STAGES = {"vision": dict(steps=1000), "align": dict(max_steps=100), "full": dict(epochs=10.0),
-          "grow": dict(layers=2, mode="split"), "deep": dict(epochs=3.0, lr=5e-4)}
+          "grow": dict(layers=2, mode="split"), "deep": dict(epochs=6.0, lr=5e-4)}
 RECIPES = {"align": "teacher-align", "full": "teacher-full", "deep": "teacher-full"}  # any recipe field applies
 
 
