@@ -84,7 +84,7 @@ def cmd_teacher_train(args) -> None:
     out = Path(args.out) if args.out else TEACHERS_DIR / args.name
     if out.exists() and not args.overwrite:
         raise HarnessError(f"{out} exists; pass --overwrite to retrain")
-    stages = stage_settings(_parse_overrides(args.set))
+    stages = stage_settings(_parse_overrides(args.set), args.name)
     summary = train_teacher(args.name, args.data, out, seed=args.seed, stages=stages)
     print(f"teacher {args.name} written to {out} in {summary['train_time_s']:.0f} s")
     if not args.skip_eval:

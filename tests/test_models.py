@@ -147,6 +147,30 @@ def test_teacher_training_runs_every_stage(tiny_world, tmp_path):
     assert not (tmp_path / "t5").exists()
 
 
+def test_teacher_settings_layer_stages_then_teacher_then_overrides():
+    from harness.recovery.teacher import STAGES, TEACHER_SETTINGS, stage_settings
+
+    assert stage_settings(name="tiny-llava") == stage_settings() == STAGES
+    bunny = stage_settings(name="tiny-bunny")
+    assert bunny["deep"]["epochs"] == TEACHER_SETTINGS["tiny-bunny"]["deep.epochs"] != STAGES["deep"]["epochs"]
+    assert bunny["full"] == STAGES["full"]
+    assert stage_settings({"deep.epochs": 2}, name="tiny-bunny")["deep"]["epochs"] == 2  # the command line wins
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-bunny"])
+def test_committed_teacher_is_what_teacher_train_builds(name):
+    """`harness teacher train NAME` must reproduce the committed teacher: its recorded stage settings
+    and its language model's config are today's defaults (a changed default means retraining it)."""
+    from harness.models.loading import TEACHERS_DIR
+    from harness.recovery.teacher import stage_settings
+
+    record = json.loads((TEACHERS_DIR / name / "teacher.json").read_text())
+    assert record["settings"] == stage_settings(name=name)
+    text = json.loads((TEACHERS_DIR / name / "config.json").read_text())["text_config"]
+    text = {**text, **text.get("rope_parameters", {})}
+    assert {k: text.get(k) for k in EMBEDDED[name].text} == EMBEDDED[name].text
+
+
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-bunny", "tiny-llava-gqa", "tiny-qwen2"])
 def test_repeat_layers_copies_each_layer_with_scaled_residual_outputs(name, tmp_path):
     """Growth for teacher training: layer j of the deep model is layer j // k of the shallow one, residual

@@ -29,6 +29,9 @@ from harness.recovery.vision_pretrain import pretrain_vision, standardize_projec
 # language model of `grow.layers` layers; `deep` trains it after growing to the spec's depth.
 STAGES = {"vision": dict(steps=1000), "align": dict(max_steps=100), "full": dict(epochs=10.0),
           "grow": dict(layers=2, mode="split"), "deep": dict(epochs=6.0, lr=5e-4)}
+# Per-teacher departures from STAGES, as `--set` pairs (README: teacher quality). tiny-bunny's
+# Phi language model was still improving at six epochs at full depth.
+TEACHER_SETTINGS = {"tiny-bunny": {"deep.epochs": 10.0}}
 RECIPES = {"align": "teacher-align", "full": "teacher-full", "deep": "teacher-full"}  # any recipe field applies
 
 
@@ -49,10 +52,10 @@ OTHER_SETTINGS = {
 }
 
 
-def stage_settings(overrides: dict | None = None) -> dict:
-    """STAGES with `{"full.epochs": 6, "vision.steps": 1000}`-style overrides applied and checked."""
+def stage_settings(overrides: dict | None = None, name: str | None = None) -> dict:
+    """STAGES, then teacher `name`'s TEACHER_SETTINGS, then `{"full.epochs": 6}`-style overrides, checked."""
     stages = {stage: dict(settings) for stage, settings in STAGES.items()}
-    for key, value in (overrides or {}).items():
+    for key, value in {**TEACHER_SETTINGS.get(name, {}), **(overrides or {})}.items():
         stage, _, field = key.partition(".")
         if stage not in stages or not field:
             raise HarnessError(f"teacher setting {key!r} must be STAGE.FIELD with STAGE one of {', '.join(STAGES)}")
@@ -76,7 +79,7 @@ def train_teacher(name: str, data: str | Path, out: str | Path, seed: int = 0, s
                   progress: bool = True) -> dict:
     if name not in EMBEDDED:
         raise HarnessError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED)}")
-    stages = stages or STAGES
+    stages = stages or stage_settings(name=name)
     depth = EMBEDDED[name].text.get("num_hidden_layers", 12)
     shallow = stages["grow"]["layers"]
     if depth % shallow:
