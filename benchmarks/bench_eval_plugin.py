@@ -41,7 +41,7 @@ def default_model(tmp: Path) -> Path:
     teacher = REPO / "artifacts" / "teachers" / "tiny-llava"
     if (teacher / "config.json").exists():
         return teacher
-    from harness.models.embedded import build_embedded
+    from harness.synthetic.models import build_embedded
 
     model, processor = build_embedded("tiny-llava", seed=0)
     out = tmp / "tiny-llava-random"
@@ -54,7 +54,7 @@ def default_data(tmp: Path) -> Path:
     data = REPO / "artifacts" / "data" / "synth" / "benchmarks"
     if data.exists():
         return data
-    from harness.data.make import WorldSpec, make_world
+    from harness.synthetic.make import WorldSpec, make_world
 
     return make_world(tmp / "world", WorldSpec(mix_size=4, benchmark_size=64)) / "benchmarks"
 

@@ -70,8 +70,8 @@ def child(dtype_name: str, batch_size: int, data: Path, samples: int, threads: i
     torch.set_num_threads(threads)
     from bench_inference import build_base
 
-    from harness.models.memory import estimate_importance_memory, importance_estimate_line
     from harness.pruning import calibration_set, compute_importance
+    from harness.pruning.memory import estimate_importance_memory, importance_estimate_line
 
     gc.collect()
     runtime_kb = _status_kb("VmRSS")
@@ -114,7 +114,7 @@ def child(dtype_name: str, batch_size: int, data: Path, samples: int, threads: i
 def default_data(tmp: Path) -> Path:
     if (DEFAULT_DATA / "mix.json").exists():
         return DEFAULT_DATA
-    from harness.data.make import WorldSpec, make_world
+    from harness.synthetic.make import WorldSpec, make_world
 
     return make_world(tmp / "world", WorldSpec(mix_size=64, benchmark_size=4))
 

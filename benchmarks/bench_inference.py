@@ -78,7 +78,7 @@ class Variant:
 
 def build_base(scale: dict | None = None, seed: int = 0) -> tuple[nn.Module, object]:
     """The unpruned model (eval mode, fp32) and its processor."""
-    from harness.models.embedded import build_embedded
+    from harness.synthetic.models import build_embedded
 
     model, processor = build_embedded("tiny-llava", seed=seed, scale=dict(MID_SIZE, **(scale or {})))
     return model.eval(), processor
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"-- {key}: time per call ~ {fit['ms_fixed']:.1f} ms + {fit['ms_per_layer']:.1f} ms x layers "
               f"(fixed part {fit['fixed_share_of_base']:.1%} of the baseline)")
     details = {
-        "model": {"builder": "harness.models.embedded.build_embedded('tiny-llava', scale=MID_SIZE)",
+        "model": {"builder": "harness.synthetic.models.build_embedded('tiny-llava', scale=MID_SIZE)",
                   "scale": dict(MID_SIZE, **(scale or {})), "lm_params": lm_params, **widths(base)},
         "timing": {"threads": args.threads, "rounds": rounds, "prompt": args.prompt, "decode_steps": args.steps,
                    "dtype": "float32", "what": "LM forward through the LLaVA wrapper, text tokens only",

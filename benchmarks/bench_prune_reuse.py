@@ -7,7 +7,7 @@ of pruning it to one ratio (load, calibration selection, scoring, surgery, savin
 - separate calls: `harness.pruning.prune` once per ratio from the checkpoint path, as 5
   `harness prune` runs do; the first scores, the other four load the model again and
   reuse the stored scores.
-- one call: `harness.pruning.prune_ratios` (`harness prune --ratio R1 ... R5 --out
+- one call: `harness.pruning.prune` with a list of ratios (`harness prune --ratio R1 ... R5 --out
   DIR-{ratio}`), which loads, hashes and scores once, then slices and saves each ratio.
 Every call saves its checkpoints: saving is part of pruning and is timed. The goal is
 total <= 1.3x one ratio. Timings on a shared machine are noisy, so each measurement is
@@ -31,23 +31,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402  (sets the offline environment before transformers is imported)
 
-from harness.data.make import WorldSpec, make_world  # noqa: E402
-from harness.models.embedded import build_embedded  # noqa: E402
-from harness.pruning import prune, prune_ratios  # noqa: E402
-from harness.pruning.importance import DEFAULT_CALIB_SAMPLES  # noqa: E402
+from harness.pruning import METHODS, prune  # noqa: E402
+from harness.synthetic.make import WorldSpec, make_world  # noqa: E402
+from harness.synthetic.models import build_embedded  # noqa: E402
 
-# (`harness.pruning.prune` the attribute is the function: the package re-exports it)
-prune_module = importlib.import_module("harness.pruning.prune")
+prune_module = importlib.import_module("harness.pruning.pipeline")
 RATIOS = (0.15, 0.3, 0.45, 0.6, 0.5)
 GOAL = 1.3
-# The steps of `prune_ratios`, as named in harness.pruning.prune; the rest of a call is "other".
-COMPONENTS = {"_load": "load model + processor", "cached_fingerprint": "fingerprint",
+# The steps of `prune`, as named in harness.pruning.pipeline; the rest of a call is "other".
+COMPONENTS = {"_load": "load model + processor", "lookup_fingerprint": "fingerprint",
               "calibration_set": "calibration selection", "cached_importance": "scoring (or loading scores)",
               "apply_pruning": "surgery", "save_pruned": "save checkpoint"}
 
 
 class Clock:
-    """Wraps the steps of `prune_ratios` to sum the seconds spent in each during one call."""
+    """Wraps the steps of `prune` to sum the seconds spent in each during one call."""
 
     def __init__(self):
         self.spent: dict[str, float] = defaultdict(float)
@@ -77,7 +75,7 @@ def one_repeat(clock: Clock, checkpoint: Path, data: Path, method: str, work: Pa
     """Separate calls (the first of which is the one-ratio time) and one call, each from empty importance folders."""
     separate = [clock.call(prune, str(checkpoint), method, ratio, work / "separate" / f"out-{ratio}", data=data,
                            importance_dir=work / "separate" / "importance") for ratio in RATIOS]
-    together = clock.call(prune_ratios, str(checkpoint), method, RATIOS, work / "one-call" / "out-{ratio}", data=data,
+    together = clock.call(prune, str(checkpoint), method, list(RATIOS), work / "one-call" / "out-{ratio}", data=data,
                           importance_dir=work / "one-call" / "importance")
     one = separate[0]["total"]
     return {"separate": separate, "one_call": together,
@@ -120,7 +118,7 @@ def bench_method(checkpoint: Path, data: Path, method: str, root: Path, repeats:
     note = ""
     if one_call_ratio > GOAL:
         note = (f"misses {GOAL}x even in one call, with the fixed costs cut: on this {params / 1e6:.1f}M-parameter "
-                f"model, scoring {DEFAULT_CALIB_SAMPLES[method]} calibration samples ({scoring * 1000:.0f} ms) costs "
+                f"model, scoring {METHODS[method].calib_samples} calibration samples ({scoring * 1000:.0f} ms) costs "
                 f"only {scoring / per_ratio:.0f}x what each ratio must spend on surgery + writing its checkpoint "
                 f"({per_ratio * 1000:.0f} ms, which no score reuse removes), so one call is at best "
                 f"1 + {len(RATIOS) - 1} x {per_ratio * 1000:.0f} / {first['total'] * 1000:.0f} = {bound:.2f}x")
@@ -129,7 +127,7 @@ def bench_method(checkpoint: Path, data: Path, method: str, root: Path, repeats:
         print(f"  separate calls pay model loading ({reuse['_load'] * 1000:.0f} ms) on every ratio: use one call "
               f"(`harness prune --ratio R1 R2 ... --out DIR-{{ratio}}`)")
     return {"separate_over_one": round(separate_ratio, 4), "one_call_over_one": round(one_call_ratio, 4),
-            "details": {"calib_samples": DEFAULT_CALIB_SAMPLES[method],
+            "details": {"calib_samples": METHODS[method].calib_samples,
                         "median_seconds": {"one_ratio": first, "separate_reusing_call": reuse,
                                            "one_call_five_ratios": together},
                         "scoring_s": scoring, "surgery_plus_save_per_ratio_s": per_ratio,
@@ -163,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     for method, r in results.items():
         key = method.replace("-", "_")
         ratios[f"{key}_one_call_five_over_one"] = r["one_call_over_one"]
-        goals[f"{key}_one_call_five_over_one"] = f"<= {GOAL} (prune_ratios: load and score once)"
+        goals[f"{key}_one_call_five_over_one"] = f"<= {GOAL} (prune with several ratios: load and score once)"
         ratios[f"{key}_separate_calls_five_over_one"] = r["separate_over_one"]
         goals[f"{key}_separate_calls_five_over_one"] = f"<= {GOAL} (5 prune calls, each loads the model)"
     return write_result(args.json, "prune_reuse", ratios, goals,

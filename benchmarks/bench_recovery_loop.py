@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from harness.data.datamodule import MixDataModule
-from harness.data.make import WorldSpec, make_world
-from harness.models import build_embedded
 from harness.recovery.module import RecoveryModule
 from harness.recovery.recipes import get_recipe
 from harness.recovery.train import train
+from harness.synthetic.make import WorldSpec, make_world
+from harness.synthetic.models import build_embedded
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402

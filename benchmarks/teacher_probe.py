@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.data import world
 from harness.data.instruct import Collator
-from harness.recovery.vision_pretrain import N_COLOR, N_KIND, cell_labels
+from harness.synthetic import world
+from harness.synthetic.vision_pretrain import N_COLOR, N_KIND, cell_labels
 
 FAMILIES = ["gqa", "pope", "mme", "sqa", "count", "text"]
 
@@ -113,7 +113,7 @@ class Probe:
 
 def grow(probe: Probe, depth: int, mode: str) -> None:
     """Deepen the language model to `depth` layers as teacher training does (`repeat_layers`)."""
-    from harness.pruning.apply import repeat_layers
+    from harness.synthetic.grow import repeat_layers
 
     layers = probe.model.config.text_config.num_hidden_layers
     if depth % layers:

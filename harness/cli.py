@@ -13,8 +13,7 @@ import sys
 from pathlib import Path
 
 from harness.errors import HarnessError
-
-DEFAULT_DATA = "artifacts/data/synth"
+from harness.paths import DEFAULT_DATA
 
 
 def _offline_defaults() -> None:
@@ -64,7 +63,7 @@ def _parse_weights(text: str) -> dict[str, int]:
 
 
 def cmd_data_make(args) -> None:
-    from harness.data.make import WorldSpec, make_world
+    from harness.synthetic.make import WorldSpec, make_world
 
     given = {"mix_size": args.mix_size, "benchmark_size": args.benchmark_size,
              "records_per_image": args.records_per_image}
@@ -78,8 +77,8 @@ def cmd_data_make(args) -> None:
 
 
 def cmd_teacher_train(args) -> None:
-    from harness.models.loading import TEACHERS_DIR
-    from harness.recovery.teacher import stage_settings, train_teacher
+    from harness.paths import TEACHERS_DIR
+    from harness.synthetic.teachers import stage_settings, train_teacher
 
     out = Path(args.out) if args.out else TEACHERS_DIR / args.name
     if out.exists() and not args.overwrite:
@@ -122,9 +121,22 @@ def cmd_recover(args) -> None:
 
 
 def cmd_grid(args) -> None:
-    from harness.grid import commands
+    """`harness grid ...`; after `run`, the report (tables, figures, findings) of what finished."""
+    from harness.grid import commands, runner
 
-    commands.run_command(args)
+    try:
+        results = commands.run_command(args)
+    except runner.GridFailed as failed:
+        _report_after_grid(args, failed.results)
+        raise SystemExit(1) from None
+    _report_after_grid(args, results)
+
+
+def _report_after_grid(args, results) -> None:
+    if results is not None and args.action == "run" and not args.no_figures:
+        from analysis.report import write_report
+
+        print(f"report written to {write_report(results)}")
 
 
 def cmd_convert_bunny(args) -> None:
@@ -161,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--records-per-image", type=int, help="consecutive records sharing one image (default 2)")
     make.add_argument("--benchmark-size", type=int, help="items per benchmark (default 400)")
     make.add_argument("--family-weights", help="question families' relative shares in the mix, e.g. sqa=4,pope=1; "
-                      "families not named keep their default (harness.data.world.FAMILY_WEIGHTS)")
+                      "families not named keep their default (harness.synthetic.world.FAMILY_WEIGHTS)")
     make.add_argument("--overwrite", action="store_true")
     make.set_defaults(func=cmd_data_make)
 
@@ -177,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a stage setting: vision.steps=1000, full.epochs=6, full.lr=5e-4, align.max_steps=200")
     tt.set_defaults(func=cmd_teacher_train)
 
-    from harness.pruning.prune import add_prune_parser
+    from harness.pruning.pipeline import add_prune_parser
 
     add_prune_parser(sub)
 

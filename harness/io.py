@@ -89,26 +89,3 @@ def load_yaml(text: str):
     import yaml
 
     return yaml.load(text, Loader=_yaml_loader())  # noqa: S506  (a SafeLoader subclass)
-
-
-_TYPES = {"float": (int, float), "int": (int,), "str": (str,), "bool": (bool,), "None": (type(None),),
-          "tuple": (tuple, list), "list": (list,), "dict": (dict,)}
-
-
-def has_type(value, annotation: str) -> bool:
-    """Whether a value read from YAML or `--set` fits an annotation string like 'float | None'.
-
-    Bools are not numbers, ints are floats, numbers must be finite; an annotation naming
-    another type is not checked here (True).
-    """
-    import math
-
-    for name in (part.strip() for part in annotation.split("|")):
-        kinds = _TYPES.get(name)
-        if kinds is None:
-            return True
-        if isinstance(value, bool) and bool not in kinds:
-            continue
-        if isinstance(value, kinds):
-            return not isinstance(value, float) or math.isfinite(value)
-    return False

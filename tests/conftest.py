@@ -16,14 +16,14 @@ SMALL_LM = {"num_hidden_layers": 2}
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
-    from harness.data.make import WorldSpec, make_world
+    from harness.synthetic.make import WorldSpec, make_world
 
     return make_world(tmp_path_factory.mktemp("world") / "synth", WorldSpec(mix_size=48, benchmark_size=12))
 
 
 @pytest.fixture
 def tiny_llava():
-    from harness.models.embedded import build_embedded
+    from harness.synthetic.models import build_embedded
 
     return build_embedded("tiny-llava", seed=0, scale=SMALL_LM)
 
@@ -31,7 +31,7 @@ def tiny_llava():
 @pytest.fixture(scope="session")
 def saved_tiny_llava(tmp_path_factory):
     """A random-init tiny LLaVA saved as an HF checkpoint (the stand-in for a trained teacher)."""
-    from harness.models.embedded import build_embedded
+    from harness.synthetic.models import build_embedded
 
     model, processor = build_embedded("tiny-llava", seed=0, scale={"num_hidden_layers": 4})
     out = tmp_path_factory.mktemp("models") / "tiny-llava"

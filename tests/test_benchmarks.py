@@ -140,7 +140,8 @@ def test_grid_overhead_from_stage_log(tmp_path):
 
 
 def test_importance_estimate_follows_dtype_and_device(tiny):
-    from harness.models.memory import CUDA_CONTEXT, estimate_importance_memory, importance_estimate_line
+    from harness.models.memory import CUDA_CONTEXT
+    from harness.pruning.memory import estimate_importance_memory, importance_estimate_line
 
     gpu = estimate_importance_memory(tiny.config, "width-taylor", 1, 64)
     assert gpu == estimate_importance_memory(tiny, "width-taylor", 1, 64, "bfloat16", "cuda")  # config or model
@@ -157,9 +158,9 @@ def test_importance_estimate_follows_dtype_and_device(tiny):
 def test_taylor_estimate_counts_a_gradient_for_every_scored_weight(name):
     """The estimate's gradient term is the bytes of exactly the parameters `_taylor` puts gradients on."""
     from harness.models.adapter import LMAdapter
-    from harness.models.embedded import build_embedded
-    from harness.models.memory import estimate_importance_memory
-    from harness.pruning.importance import _scored_params
+    from harness.pruning.memory import estimate_importance_memory
+    from harness.pruning.methods.width import scored_params as _scored_params
+    from harness.synthetic.models import build_embedded
 
     model, _ = build_embedded(name)
     scored = sum(p.numel() for p in _scored_params(LMAdapter(model)))

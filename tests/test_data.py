@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from harness.data.instruct import IGNORE_INDEX, Collator, fraction_indices, load_mix
-from harness.data.make import BENCHMARKS, WorldSpec, make_world
 from harness.errors import HarnessError
+from harness.synthetic.make import BENCHMARKS, WorldSpec, make_world
 
 
 def _digest(root: Path) -> dict[str, str]:

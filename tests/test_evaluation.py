@@ -127,7 +127,7 @@ def test_multi_round_asks_doc_to_text_for_each_round(tiny_llava, bench_dir):
 
 # ----------------------------------------------------------------------------- scoring
 def test_pope_scores_equal_hand_computed():
-    from harness.evaluation.tasks import utils
+    from harness.synthetic.tasks import utils
 
     preds = ["yes", "Yes", "no", "no", "yes"]
     golds = ["yes", "no", "no", "yes", "yes"]  # TP 2, FP 1, FN 1, TN 1
@@ -141,7 +141,7 @@ def test_pope_scores_equal_hand_computed():
 
 
 def test_mme_score_counts_acc_plus_per_image_and_drops_cut_pairs():
-    from harness.evaluation.tasks import utils
+    from harness.synthetic.tasks import utils
 
     def rec(image, category, answer, pred):
         doc = {"question_id": f"{image}-{answer}", "image_id": image, "category": category, "answer": answer}
@@ -169,7 +169,7 @@ def test_anls_and_exact_match_equal_hand_computed():
 
 
 def test_multiple_choice_accepts_the_letter_only():
-    from harness.evaluation.tasks import utils
+    from harness.synthetic.tasks import utils
 
     doc = {"options": json.dumps(["circle", "square", "triangle", "cross"]), "answer": "C"}
     score = lambda pred: utils.synth_sqa_process_results(doc, [pred])["exact_match"]  # noqa: E731
@@ -177,8 +177,8 @@ def test_multiple_choice_accepts_the_letter_only():
 
 
 def test_prompt_is_the_training_prompt():
-    from harness.data.world import with_suffix
-    from harness.evaluation.tasks import utils
+    from harness.synthetic.tasks import utils
+    from harness.synthetic.world import with_suffix
 
     doc = {"question": "how many objects are there?"}
     assert utils.synth_doc_to_text(doc, {"family": "count"}) == with_suffix("count", doc["question"])
@@ -332,11 +332,17 @@ def test_missing_benchmark_data(saved_tiny_llava, tmp_path):
 
 
 # ----------------------------------------------------------------------------- paper tasks
-def test_paper_task_names_exist_in_installed_lmms_eval():
+def test_paper_task_names_exist_in_installed_lmms_eval(capfd):
+    from harness.cli import main
     from harness.evaluation import PAPER_PRIMARY
     from harness.evaluation.evaluate import check_tasks, installed_tasks
     from harness.evaluation.paper_tasks import PAPER_BENCHMARKS, PAPER_TASKS
 
+    installed_tasks.cache_clear()  # the index scan itself must print nothing (lmms-eval logs it at DEBUG)
+    capfd.readouterr()
+    assert main(["eval", "tiny-llava", "--tasks", "no_such_task", "--out", "unused.json"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown task 'no_such_task'" in err[0] and "synth_gqa" in err[0], err
     index = installed_tasks()
     assert set(PAPER_TASKS) <= index, set(PAPER_TASKS) - index
     assert [c for c, _, _ in PAPER_BENCHMARKS] == ["MMMU", "SQA", "MathVista", "AI2D", "MME-C", "MME-P", "POPE",

@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.grid import stages as st
 
 FAST_RECOVERY = {"max_steps": 2, "batch_size": 4}
 TASKS = ["synth_gqa"]
@@ -121,7 +120,7 @@ def _specs(root: Path, teacher: Path, world: Path) -> None:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, saved_tiny_llava, tiny_world):
     """Every prepared input, built once; the cases must leave it untouched."""
-    from harness.pruning.prune import prune
+    from harness.pruning.pipeline import prune
 
     root = tmp_path_factory.mktemp("fault_inputs")
     teacher = root / "models" / "teacher"
@@ -196,7 +195,7 @@ CASES = [
      "attn_layers"),
     ("round-to-zero", [*PRUNE, "--method", "width-magnitude", "--ratio", "0.3", "--round-to", "0"], "round_to"),
     ("calib-samples-zero", [*PRUNE, "--method", "layer-bi", "--ratio", "0.3", "--calib-samples", "0"],
-     "calibration needs samples >= 1"),
+     "--calib-samples must be >= 1, got 0"),
     ("calib-data-missing", [*PRUNE, "--method", "layer-bi", "--ratio", "0.3", "--data", "{inputs}/nowhere"],
      "instruction mix not found"),
     ("calib-images-undecodable", [*PRUNE, "--method", "layer-bi", "--ratio", "0.3", "--calib-samples", "2",
@@ -258,7 +257,7 @@ CASES = [
     ("teacher-unknown-recipe-field", ["teacher", "train", "tiny-llava", "--out", "{out}", "--set", "full.epochz=3"],
      "teacher stage full: unknown recipe setting"),
     ("teacher-vision-steps-fraction", ["teacher", "train", "tiny-llava", "--out", "{out}", "--set", "vision.steps=2.5"],
-     "positive int"),
+     "vision.steps must be int, got 2.5"),
     ("convert-missing-source", ["convert", "bunny", "{inputs}/nothing", "{out}"], "nothing"),
     ("report-missing-results", ["report", "{inputs}/no_results"], "no_results"),
     # --- grid specs
@@ -305,7 +304,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case_id, argv, words, i
     work, out = tmp_path / "cwd", tmp_path / "out" / "x"
     work.mkdir()
     monkeypatch.chdir(work)  # relative defaults (artifacts/, results/) land here
-    monkeypatch.setattr(st, "GRID_ROOT", tmp_path / "grid")
+    monkeypatch.setenv("HARNESS_GRID_ROOT", str(tmp_path / "grid"))
     if case_id in SETUP:
         SETUP[case_id](out)
     argv = [_expand(a, inputs, out) for a in argv]

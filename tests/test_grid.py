@@ -14,7 +14,6 @@ import pytest
 
 from harness.errors import HarnessError
 from harness.grid import runner
-from harness.grid import stages as st
 from harness.grid.spec import load_spec
 
 FAST_RECOVERY = {"max_steps": 2, "batch_size": 4}
@@ -38,7 +37,7 @@ def write_spec(path: Path, teacher: Path, data: Path, **over) -> Path:
 @pytest.fixture
 def grid_root(tmp_path, monkeypatch):
     root = tmp_path / "grid"
-    monkeypatch.setattr(st, "GRID_ROOT", root)
+    monkeypatch.setenv("HARNESS_GRID_ROOT", str(root))
     return root
 
 

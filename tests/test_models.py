@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from harness.errors import HarnessError
-from harness.models import EMBEDDED, LMAdapter, build_embedded, load
+from harness.models import LMAdapter, load
+from harness.synthetic.models import EMBEDDED, build_embedded
 
 from .conftest import SMALL_LM
 
@@ -100,8 +101,8 @@ def test_vision_pretraining_targets_read_every_cell():
     """Stage 0's targets: what each cell holds, row-major like the patches; empty cells are class 0."""
     import random
 
-    from harness.data import world
-    from harness.recovery.vision_pretrain import HEADS, cell_labels
+    from harness.synthetic import world
+    from harness.synthetic.vision_pretrain import HEADS, cell_labels
 
     scene = world.random_scene(random.Random(3), text_prob=1.0)
     labels = cell_labels(scene)
@@ -120,7 +121,7 @@ def test_vision_pretraining_teaches_the_features_where_each_patch_is():
     Without it the tower dropped its position embeddings: a linear probe on the earlier
     teachers' image tokens found the cell at chance.
     """
-    from harness.recovery.vision_pretrain import pretrain_vision
+    from harness.synthetic.vision_pretrain import pretrain_vision
 
     model, processor = build_embedded("tiny-bunny", seed=0, scale={"num_hidden_layers": 1})
     metrics = pretrain_vision(model, processor, steps=150, batch_size=32, progress=False)
@@ -132,7 +133,7 @@ def test_teacher_training_runs_every_stage(tiny_world, tmp_path):
     """`harness teacher train` end to end on a few steps: an HF checkpoint and a record of each stage."""
     from transformers import LlavaForConditionalGeneration
 
-    from harness.recovery.teacher import train_teacher
+    from harness.synthetic.teachers import train_teacher
 
     stages = {"vision": dict(steps=2, batch_size=8), "align": dict(max_steps=1, batch_size=4),
               "full": dict(max_steps=2, batch_size=4), "grow": dict(layers=3), "deep": dict(max_steps=1, batch_size=4)}
@@ -148,7 +149,7 @@ def test_teacher_training_runs_every_stage(tiny_world, tmp_path):
 
 
 def test_teacher_settings_layer_stages_then_teacher_then_overrides():
-    from harness.recovery.teacher import STAGES, TEACHER_SETTINGS, stage_settings
+    from harness.synthetic.teachers import STAGES, TEACHER_SETTINGS, stage_settings
 
     assert stage_settings(name="tiny-llava") == stage_settings() == STAGES
     bunny = stage_settings(name="tiny-bunny")
@@ -161,8 +162,8 @@ def test_teacher_settings_layer_stages_then_teacher_then_overrides():
 def test_committed_teacher_is_what_teacher_train_builds(name):
     """`harness teacher train NAME` must reproduce the committed teacher: its recorded stage settings
     and its language model's config are today's defaults (a changed default means retraining it)."""
-    from harness.models.loading import TEACHERS_DIR
-    from harness.recovery.teacher import stage_settings
+    from harness.paths import TEACHERS_DIR
+    from harness.synthetic.teachers import stage_settings
 
     record = json.loads((TEACHERS_DIR / name / "teacher.json").read_text())
     assert record["settings"] == stage_settings(name=name)
@@ -178,7 +179,7 @@ def test_repeat_layers_copies_each_layer_with_scaled_residual_outputs(name, tmp_
     from transformers import LlavaForConditionalGeneration
 
     from harness.models.adapter import LMAdapter
-    from harness.pruning.apply import repeat_layers
+    from harness.synthetic.grow import repeat_layers
 
     model, _ = build_embedded(name, scale={"num_hidden_layers": 2})
     model.eval()

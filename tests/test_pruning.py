@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from harness.data.make import WorldSpec, make_world
 from harness.evaluation.generate import build_prompt
 from harness.models.adapter import LMAdapter
-from harness.models.embedded import build_embedded
-from harness.pruning import apply_pruning, calibration_set, compute_importance, remove_layers, slice_widths
-from harness.pruning.apply import build_model, select_layers
-from harness.pruning.importance import _calibration_loss
+from harness.models.build import build_model
+from harness.pruning import apply_pruning, calibration_set, compute_importance, get_method, remove_layers, slice_widths
+from harness.pruning.methods._common import calibration_loss as _calibration_loss
+from harness.synthetic.make import WorldSpec, make_world
+from harness.synthetic.models import build_embedded
 
 FAMILIES = ["tiny-llava", "tiny-bunny", "tiny-llava-gqa", "tiny-qwen2"]
 
@@ -224,19 +224,35 @@ def test_block_influence_matches_independent_cosine(models, calib):
     importance = compute_importance(model, processor, "layer-bi", calib)
     layers = LMAdapter(model).layers
     expected = torch.zeros(len(layers), dtype=torch.float64)
-    last = {}
     for batch in calib.batches(processor, model):
-        hook = layers[-1].register_forward_hook(lambda m, a, out: last.update(out=out))
         with torch.no_grad():
             hidden = model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True).hidden_states
-        hook.remove()
-        states = list(hidden[:-1]) + [last["out"]]  # hidden[-1] is after the final norm, not the layer's output
+        states = list(hidden)  # hidden[-1] is after the final norm, as the official code compares it
         mask = batch["attention_mask"].bool()
         for i in range(len(layers)):
             a, b = states[i][mask].double(), states[i + 1][mask].double()
             cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
             expected[i] += (1 - cos).sum()
     assert torch.allclose(importance.scores["layer"].double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_block_influence_of_the_last_layer_uses_the_final_norm(models, calib):
+    """The official code compares the last layer's input with the final-norm output, not its raw output."""
+    from harness.pruning.methods.layer import boundary_states
+
+    model, processor = models("tiny-llava")
+    adapter = LMAdapter(model)
+    last = len(adapter.layers) - 1
+    with torch.no_grad():  # the last layer becomes an identity map, and the final norm turns the stream
+        adapter.attn_linears(adapter.layers[last])[1].weight.zero_()
+        adapter.mlp_linears(adapter.layers[last])[1].weight.zero_()
+        adapter.final_norm.weight.fill_(-1.0)  # the normed stream points the other way: 1 - cos = 2
+    batch = calib.batches(processor, model)[0]
+    raw = boundary_states(model, adapter, batch)
+    assert (1 - F.cosine_similarity(raw[last], raw[last + 1], dim=-1)).abs().max() < 1e-5  # raw BI: 0, pruned first
+    importance = compute_importance(model, processor, "layer-bi", calib)
+    assert importance.scores["layer"][last] == importance.scores["layer"].max()
+    assert get_method("layer-bi").select(importance, 1) != [last]
 
 
 def test_angular_distance_removes_closest_block(models, calib):
@@ -246,7 +262,7 @@ def test_angular_distance_removes_closest_block(models, calib):
     assert distance.shape == (4, 4) and torch.isinf(distance[3, 1:]).all()
     assert ((distance[~torch.isinf(distance)] >= 0) & (distance[~torch.isinf(distance)] <= 1)).all()
     start = int(torch.argmin(distance[1, :3]))
-    assert select_layers(importance, 2) == [start, start + 1]
+    assert get_method("layer-angular").select(importance, 2) == [start, start + 1]
     batch = calib.batches(processor, model)[0]
     h = [s[batch["attention_mask"].bool()] for s in _all_states(model, batch)]
     by_hand = (torch.arccos(F.cosine_similarity(h[0], h[2], dim=-1).clamp(-1, 1)) / math.pi).mean()

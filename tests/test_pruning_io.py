@@ -11,11 +11,9 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from harness.data.make import WorldSpec, make_world
 from harness.errors import HarnessError
 from harness.models import load
 from harness.models.adapter import LMAdapter
-from harness.models.embedded import build_embedded
 from harness.models.flops import count_params, lm_macs_per_token
 from harness.pruning import (
     Importance,
@@ -26,9 +24,10 @@ from harness.pruning import (
     calibration_set,
     model_fingerprint,
     prune,
-    prune_ratios,
     save_importance,
 )
+from harness.synthetic.make import WorldSpec, make_world
+from harness.synthetic.models import build_embedded
 
 FAMILIES = ["tiny-llava", "tiny-bunny", "tiny-llava-gqa", "tiny-qwen2"]
 REQUIRED = {"method", "ratio_requested", "ratio_achieved", "lm_params_before", "lm_params_after",
@@ -211,7 +210,7 @@ def test_importance_reuse_runs_no_forward_pass(checkpoints, world, root, monkeyp
 def test_prune_ratios_loads_and_scores_once(checkpoints, world, root, monkeypatch, capsys):
     calls = count_forward_passes(monkeypatch)
     path = str(checkpoints["tiny-llava-gqa"])
-    infos = prune_ratios(path, "width-taylor", [0.3, 0.15], root / "multi" / "r-{ratio}", data=world, calib_samples=4,
+    infos = prune(path, "width-taylor", [0.3, 0.15], root / "multi" / "r-{ratio}", data=world, calib_samples=4,
                          importance_dir=root / "multi-importance")
     assert len(calls) == 4 and [i["ratio_requested"] for i in infos] == [0.3, 0.15]
     single = prune(path, "width-taylor", 0.3, root / "multi-single", data=world, calib_samples=4,
@@ -222,11 +221,11 @@ def test_prune_ratios_loads_and_scores_once(checkpoints, world, root, monkeypatc
     assert all(torch.equal(t, b.state_dict()[k]) for k, t in a.state_dict().items())
     assert load(root / "multi" / "r-0.15", processor=False).num_parameters() > a.num_parameters()
     with pytest.raises(HarnessError, match="template"):
-        prune_ratios(path, "width-taylor", [0.3, 0.45], root / "multi-no-template", data=world)
+        prune(path, "width-taylor", [0.3, 0.45], root / "multi-no-template", data=world)
     with pytest.raises(HarnessError, match="repeat"):
-        prune_ratios(path, "width-taylor", [0.3, 0.3], root / "m-{ratio}", data=world)
+        prune(path, "width-taylor", [0.3, 0.3], root / "m-{ratio}", data=world)
     with pytest.raises(HarnessError, match="different model"):  # every output is checked before scoring
-        prune_ratios(path, "width-magnitude", [0.2, 0.3], root / "multi" / "r-{ratio}", data=world,
+        prune(path, "width-magnitude", [0.2, 0.3], root / "multi" / "r-{ratio}", data=world,
                      importance_dir=root / "multi-importance")
     assert not (root / "multi" / "r-0.2").exists()
     calls.clear()
@@ -241,7 +240,7 @@ def test_prune_ratios_loads_and_scores_once(checkpoints, world, root, monkeypatc
 
 
 def test_fingerprint_is_hashed_once_per_checkpoint_state(checkpoints, root, monkeypatch):
-    import harness.pruning.importance as importance
+    import harness.pruning.scores as importance
 
     source = root / "fingerprint-source"
     shutil.copytree(checkpoints["tiny-llava"], source)
@@ -302,3 +301,24 @@ def test_macs_and_params_follow_the_modules(checkpoints, world, root):
     assert lm_macs_per_token(pruned) == expected == info["macs_per_token_after"]
     assert info["total_params_before"] - info["total_params_after"] == \
         info["lm_params_before"] - info["lm_params_after"]
+
+
+def test_taylor_calibration_like_the_official_code(checkpoints, world, root):
+    """Samples with an image and at most N text tokens, drawn in a seeded order, recorded in pruning.json."""
+    from harness.pruning.calibration import text_tokens
+
+    _, processor = load(checkpoints["tiny-llava"])
+    lengths = sorted(text_tokens(r, processor.tokenizer) for r in calibration_set(world, 40).records)
+    cap = lengths[len(lengths) // 2]  # half the mix is short enough
+    calib = calibration_set(world, 6, max_text_tokens=cap, require_image=True, tokenizer=processor.tokenizer)
+    assert all(r.get("image") and text_tokens(r, processor.tokenizer) <= cap for r in calib.records)
+    assert calib.ids == calibration_set(world, 6, max_text_tokens=cap, require_image=True,
+                                        tokenizer=processor.tokenizer).ids  # seeded
+    with pytest.raises(HarnessError, match="has only"):
+        calibration_set(world, 6, max_text_tokens=1, tokenizer=processor.tokenizer)
+    info = prune(str(checkpoints["tiny-llava"]), "width-taylor", 0.3, root / "official-calib", data=world,
+                 calib_samples=4, calib_max_text_tokens=cap, calib_require_image=True,
+                 importance_dir=root / "importance")
+    assert info["calibration"] == {"samples": 4, "seed": 42, "batch_size": 1, "max_length": 512,
+                                   "max_text_tokens": cap, "require_image": True}
+    assert len(info["calibration_ids"]) == 4

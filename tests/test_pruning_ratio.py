@@ -6,9 +6,9 @@ import pytest
 
 from harness.errors import HarnessError
 from harness.models.adapter import LMAdapter
-from harness.models.embedded import build_embedded
 from harness.pruning import apply_pruning, compute_importance, prune
 from harness.pruning.plan import lm_shape, parse_layers, plan_layers, plan_width
+from harness.synthetic.models import build_embedded
 
 
 @pytest.fixture(scope="module")

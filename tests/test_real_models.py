@@ -24,8 +24,8 @@ LAYERS_REMOVED = {"llava": [5, 10, 15, 20], "bunny": [5, 11, 16, 21]}
 
 @pytest.fixture(scope="module")
 def meta_models():
+    from harness.models.build import build_model
     from harness.models.real import real_config
-    from harness.pruning.apply import build_model
 
     return {key: build_model(real_config(name), torch.bfloat16, "meta") for key, name in NAMES.items()}
 
@@ -61,7 +61,8 @@ def test_llava_config_matches_llava_hf():
 
 
 def test_bunny_config_is_what_the_converter_writes():
-    from harness.models.real import bunny_native_config, read_real_config, real_config
+    from harness.convert.bunny import bunny_native_config
+    from harness.models.real import read_real_config, real_config
 
     c = real_config("BAAI/Bunny-v1_0-3B")
     v, t = c.vision_config, c.text_config
@@ -127,8 +128,8 @@ def test_lm_adapter_on_llava_hf(meta_models):
 @pytest.mark.parametrize("key", ["llava", "bunny"])
 def test_width_and_layer_ratios_on_real_configs(meta_models, key):
     from harness.models.adapter import LMAdapter
-    from harness.pruning.apply import slice_widths
     from harness.pruning.plan import TOLERANCE, lm_shape, parse_layers, plan_layers, plan_width
+    from harness.pruning.surgery import slice_widths
 
     model = meta_models[key]
     shape = lm_shape(model)
@@ -161,9 +162,11 @@ def test_final_code_ranges_cannot_reach_sixty_percent(meta_models):
 
 
 def test_memory_estimates_for_the_7b(meta_models):
-    from harness.models.memory import GB, estimate_importance_memory, estimate_recovery_memory
+    from harness.models.memory import GB
     from harness.models.real import real_config
-    from harness.pruning.apply import remove_layers
+    from harness.pruning.memory import estimate_importance_memory
+    from harness.pruning.surgery import remove_layers
+    from harness.recovery.memory import estimate_recovery_memory
     from harness.recovery.recipes import PAPER_SETTINGS, get_recipe
 
     cfg = real_config("llava-hf/llava-1.5-7b-hf")
@@ -211,6 +214,9 @@ def test_paper_spec_loads_with_the_paper_settings(key):
     taylor = spec.method_settings["width-taylor"]
     assert taylor["calib_samples"] == 10 and taylor["per_layer_ratio"] is False
     assert taylor["max_length"] == {"llava": 576 + 128, "bunny": 729 + 64}[key]
+    # the official code's calibration: samples with an image and at most 128 (LLaVA) / 64 (Bunny) text tokens
+    assert taylor["calib_require_image"] is True and taylor["calib_max_text_tokens"] == {"llava": 128, "bunny": 64}[key]
+    assert "sft+kd-logit" in spec.recipes  # the paper's alpha*KD + (1-alpha)*CE, finding 3's main rival
     assert spec.method_settings["layer-bi"]["calib_samples"] == 50
     recipe = get_recipe("sft+kd-logit+hidden", **spec.recover_settings)
     assert (recipe.lr, recipe.epochs, recipe.warmup_ratio, recipe.temperature, recipe.max_length) == (

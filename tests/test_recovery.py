@@ -89,7 +89,7 @@ def test_kl_is_zero_for_identical_models_and_matches_torch(tiny_llava, tiny_worl
 
 
 def test_hidden_pairs_for_a_depth_pruned_student(tiny_world):
-    from harness.models import build_embedded
+    from harness.synthetic.models import build_embedded
 
     assert resolve_hidden_pairs("kept", [1], 4) == [(1, 1), (2, 3), (3, 4), (-1, -1)]
     teacher, processor = build_embedded("tiny-llava", scale={"num_hidden_layers": 4})
@@ -194,7 +194,7 @@ def test_recover_bad_inputs(saved_tiny_llava, tiny_world, tmp_path):
 def test_logit_loss_needs_the_same_vocabulary(saved_tiny_llava, tiny_world, tmp_path):
     import shutil
 
-    from harness.models import build_embedded
+    from harness.synthetic.models import build_embedded
 
     student = tmp_path / "student"
     shutil.copytree(saved_tiny_llava, student)

@@ -37,7 +37,7 @@ CELL_FIELDS = ["teacher", "method", "ratio", "recovery", "data_fraction", "seed"
 @pytest.fixture
 def grid_root(tmp_path, monkeypatch):
     root = tmp_path / "grid"
-    monkeypatch.setattr(st, "GRID_ROOT", root)
+    monkeypatch.setenv("HARNESS_GRID_ROOT", str(root))
     return root
 
 

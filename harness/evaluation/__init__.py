@@ -7,7 +7,7 @@ registry, and the grid reads `PRIMARY_METRIC` without paying for either import.
 Public API
     evaluate(...)                      harness.evaluation.evaluate
     HarnessMLLM                        harness.evaluation.lmms_model (lmms-eval name: "harness")
-    SYNTH_TASKS, SYNTH_GROUP           the synthetic suite (YAMLs in ./tasks)
+    SYNTH_TASKS, SYNTH_GROUP           the synthetic suite (YAMLs in harness/synthetic/tasks)
     PAPER_TASKS, PAPER_BENCHMARKS      harness.evaluation.paper_tasks
     PRIMARY_METRIC                     {task: metric}: the metric each task is compared on
 """
@@ -16,10 +16,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+from harness.paths import DEFAULT_BENCHMARKS
+
+# The synthetic suite's lmms-eval task YAMLs and hooks live with the rest of the sandbox.
+TASKS_DIR = Path(__file__).resolve().parents[1] / "synthetic" / "tasks"
 
 # The default data folder, relative to the repository root (the shipped YAMLs use it as is).
-DEFAULT_DATA_DIR = "artifacts/data/synth/benchmarks"
+DEFAULT_DATA_DIR = str(DEFAULT_BENCHMARKS)
 
 SYNTH_GROUP = "synth"
 SYNTH_TASKS = ("synth_gqa", "synth_pope", "synth_mme", "synth_sqa", "synth_count", "synth_docvqa")

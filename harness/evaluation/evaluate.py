@@ -26,6 +26,7 @@ the same scores.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import json
@@ -37,7 +38,9 @@ from pathlib import Path
 from harness.errors import HarnessError
 from harness.evaluation import DEFAULT_DATA_DIR, PRIMARY_METRIC, SYNTH_GROUP, SYNTH_TASKS, TASKS_DIR
 from harness.evaluation.paper_tasks import MULTI_BENCHMARK_TASKS, PAPER_GROUP, PAPER_TASKS
+from harness.evaluation.settings import EvalSettings
 from harness.io import atomic_write_text, read_json, write_json
+from harness.settings import add_arguments, from_args
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SEED = 0
@@ -58,10 +61,19 @@ def split_tasks(tasks: str | list[str] | tuple[str, ...]) -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def installed_tasks() -> frozenset[str]:
-    """Every task, group and tag name the installed lmms-eval knows (indexing takes 5-8 s, once)."""
-    from lmms_eval.tasks import TaskManager
+    """Every task, group and tag name the installed lmms-eval knows (indexing takes 5-8 s, once).
 
-    return frozenset(TaskManager(verbosity="ERROR").all_tasks)
+    lmms-eval logs through loguru at DEBUG while it scans its ~2,000 task YAMLs; those lines
+    are about its own files, not the user's request, so they are silenced for the scan.
+    """
+    from lmms_eval.tasks import TaskManager
+    from loguru import logger
+
+    logger.disable("lmms_eval")
+    try:
+        return frozenset(TaskManager(verbosity="ERROR").all_tasks)
+    finally:
+        logger.enable("lmms_eval")
 
 
 def check_tasks(names: list[str]) -> None:
@@ -73,9 +85,10 @@ def check_tasks(names: list[str]) -> None:
         candidates = ours if name.startswith("synth") else ours | installed_tasks()
         if name in candidates:
             continue
-        close = difflib.get_close_matches(name, sorted(candidates), n=5, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; synthetic tasks: {', '.join(SYNTH_TASKS)}"
-        raise HarnessError(f"unknown task {name!r}{hint}")
+        close = difflib.get_close_matches(name, sorted(candidates), n=3, cutoff=0.75)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise HarnessError(f"unknown task {name!r}; {hint}the harness's suites are {SYNTH_GROUP} and {PAPER_GROUP}, "
+                           f"its synthetic tasks {', '.join(SYNTH_TASKS)} (any installed lmms-eval task works too)")
 
 
 def primary_metric(task: str, scores: dict[str, float]) -> str:
@@ -309,20 +322,11 @@ def samples_path(out_file: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- CLI
-def _limit(value: str) -> int | float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise HarnessError(f"--limit expects a number, got {value!r}") from None
-    return int(number) if number >= 1 else number
-
-
 def cmd_eval(args) -> None:
     """`harness eval`: evaluate, write the JSON, print the primary scores."""
-    limit = _limit(args.limit) if args.limit is not None else None
-    record = evaluate(args.model, args.tasks, args.out, teacher_scores=args.teacher, limit=limit,
-                      data_dir=args.data, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                      efficiency=not args.no_efficiency)
+    settings = dataclasses.replace(from_args(EvalSettings, args), efficiency=not args.no_efficiency)
+    record = evaluate(args.model, args.tasks, args.out, teacher_scores=args.teacher, data_dir=args.data,
+                      **dataclasses.asdict(settings))
     for name, (task, metric) in record["benchmarks"].items():
         line = f"{name:16s} {metric:22s} {record['scores'][task][metric]:10.4f}"
         if "retained" in record:
@@ -343,10 +347,7 @@ def add_eval_parser(subparsers) -> None:
                         f"{PAPER_GROUP} (the paper's benchmarks, online data)")
     p.add_argument("--teacher", default=None, help="teacher eval JSON or teacher model, for retained %%")
     p.add_argument("--out", required=True, help="result JSON (per-sample log written beside it)")
-    p.add_argument("--limit", default=None, help="samples per task (a fraction if < 1)")
     p.add_argument("--data", default=None, help=f"synthetic benchmark folder (default {DEFAULT_DATA_DIR})")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    add_arguments(p, EvalSettings)
     p.add_argument("--no-efficiency", action="store_true", help="skip the latency/memory probe")
     p.set_defaults(func=cmd_eval)

@@ -21,7 +21,8 @@ def plan_text(plan: runner.Plan) -> str:
     return "\n".join(lines)
 
 
-def run_command(args) -> None:
+def run_command(args):
+    """Run `harness grid ACTION`; `run` returns the results folder (the CLI then writes the report) or None."""
     started = time.perf_counter()  # grid overhead counts spec loading, planning and bookkeeping too
     spec = load_spec(args.spec)
     if args.action == "plan" and getattr(args, "dry_run", False):
@@ -61,9 +62,8 @@ def run_command(args) -> None:
         print(f"{len(failed_cells)} failed cell(s) listed in {out}/failed.csv")
     if out is not None and (out / "cells.csv").exists():
         print(f"results written to {out}/cells.csv")
-        if not args.no_figures:
-            from analysis.report import write_report
-
-            print(f"report written to {write_report(out)}")
+    else:
+        out = None
     if summary["failed"]:
-        raise SystemExit(1)
+        raise runner.GridFailed(out, summary["failed"])
+    return out

@@ -16,10 +16,10 @@ image tokens) are listed at the end instead of stopping the report.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.pruning.methods import get_method
 
 GB = 10**9
 
@@ -28,13 +28,13 @@ def teacher_config(teacher: str):
     """(LlavaConfig, where it came from) without touching the hub or any weights."""
     from transformers import LlavaConfig
 
-    from harness.models.embedded import EMBEDDED
     from harness.models.real import find_real_config, known_names, real_config
+    from harness.synthetic.models import EMBEDDED
 
     if teacher in EMBEDDED:
-        from harness.models.embedded import build_embedded
+        from harness.synthetic.models import build_embedded
 
-        return build_embedded(teacher)[0].config, "embedded spec (harness.models.embedded)"
+        return build_embedded(teacher)[0].config, "embedded spec (harness.synthetic.models)"
     local = Path(teacher) / "config.json"
     if local.is_file():
         try:
@@ -54,7 +54,8 @@ def dry_run(spec) -> str:
     out = [f"experiment {spec.name}: {len(cells)} cells; dry run on the meta device (no weights, data or hub read)",
            f"data: {spec.data}   tasks: {', '.join(spec.tasks)}   seeds: {', '.join(map(str, spec.seeds))}",
            "memory: bf16 weights, fp32 grads + Adam for trainable parameters only, gradient checkpointing, "
-           "teacher in bf16 without gradients (formulas: harness/models/memory.py); 80 GB = 80e9 bytes"]
+           "teacher in bf16 without gradients (formulas: harness/models/memory.py, harness/pruning/memory.py, "
+           "harness/recovery/memory.py); 80 GB = 80e9 bytes"]
     problems: list[str] = []
     worst: list[tuple[float, str, bool]] = []
     for teacher in spec.teachers:
@@ -87,8 +88,8 @@ def _teacher_report(spec, teacher: str, cells, problems: list, worst: list) -> l
     import torch
 
     from harness.models.adapter import LMAdapter
+    from harness.models.build import build_model
     from harness.models.memory import model_shape
-    from harness.pruning.apply import build_model
     from harness.pruning.plan import lm_shape
 
     try:
@@ -120,61 +121,45 @@ def _teacher_report(spec, teacher: str, cells, problems: list, worst: list) -> l
     return out
 
 
-def _prune_settings(spec, method: str, image_tokens: int, problems: list, teacher: str) -> dict:
-    """The settings `harness prune` receives for this method, checked the way it checks them."""
-    from harness.pruning.importance import DEFAULT_CALIB_SAMPLES, LAYER_METHODS, needs_calibration
-    from harness.pruning.prune import prune
-
-    merged = {**spec.prune_settings, **spec.method_settings.get(method, {})}
-    known = set(inspect.signature(prune).parameters) - {"model", "method", "ratio", "out", "processor", "data",
-                                                         "importance_dir"}
-    unknown = sorted(set(merged) - known)
-    if unknown:
-        problems.append(f"{method}: prune has no setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    width_keys = {"per_layer_ratio": False, "attn_layers": None, "mlp_layers": None, "round_to": 1,
-                  "prune_hidden": False}
-    if method in LAYER_METHODS and any(merged.get(k, v) != v for k, v in width_keys.items()):
-        problems.append(f"{method}: per_layer_ratio, attn_layers, mlp_layers, round_to and prune_hidden apply to "
-                        f"width methods only")
-    settings = {"calib_samples": DEFAULT_CALIB_SAMPLES[method], "batch_size": 1, "max_length": 512, **merged}
-    if needs_calibration(method) and image_tokens and settings["max_length"] <= image_tokens:
-        problems.append(f"{teacher} {method}: max_length {settings['max_length']} counts the {image_tokens} image "
+def _prune_settings(spec, method: str, image_tokens: int, problems: list, teacher: str):
+    """The `PruneSettings` `harness prune` receives for this method (load_spec has checked them)."""
+    settings = spec.prune_settings_for(method)
+    if get_method(method).needs_calibration and image_tokens and settings.max_length <= image_tokens:
+        problems.append(f"{teacher} {method}: max_length {settings.max_length} counts the {image_tokens} image "
                         f"tokens too; it would cut the image and the forward pass would fail (use image tokens + "
                         f"text tokens)")
     return settings
 
 
-def _importance_line(config, method: str, settings: dict, teacher: str, worst: list) -> str:
-    from harness.models.memory import estimate_importance_memory
-    from harness.pruning.importance import needs_calibration
+def _importance_line(config, method: str, settings, teacher: str, worst: list) -> str:
+    from harness.pruning.memory import estimate_importance_memory
 
-    b, t = int(settings["batch_size"]), int(settings["max_length"])
+    b, t = settings.batch_size, settings.max_length
     est = estimate_importance_memory(config, method, b, t)
     worst.append((est.total / GB, f"importance {teacher} {method}", est.fits()))
-    calib = (f"{settings['calib_samples']} samples, batches of {b} x <= {t} tokens"
-             if needs_calibration(method) else "no calibration data")
+    n = settings.calibration_size(method)
+    calib = f"{n} samples, batches of {b} x <= {t} tokens" if n else "no calibration data"
     return f"{method} ({calib}): {est.describe()}  fits 80 GB: {_yes(est.fits())}"
 
 
 def _cell_report(spec, teacher, model, shape, method, ratio, settings, recipes, problems, worst) -> list[str]:
-    from harness.pruning.importance import LAYER_METHODS
-
     head = f"  {method} @ {ratio:g}:"
+    whole_layers = get_method(method).family == "layer"
     try:
-        if method in LAYER_METHODS:
+        if whole_layers:
             student, lines = _layer_student(model, shape, ratio)
         else:
             student, lines = _width_student(model, shape, ratio, settings)
     except HarnessError as e:
         problems.append(f"{teacher} {method} @ {ratio:g}: {e}")
         return [f"{head} INFEASIBLE: {e}"]
-    return [head, *lines, *_sizes(model, student, ratio, method in LAYER_METHODS, problems, teacher, method),
+    return [head, *lines, *_sizes(model, student, ratio, whole_layers, problems, teacher, method),
             *_recovery_lines(spec, teacher, model, student, method, ratio, recipes, problems, worst)]
 
 
 def _layer_student(model, shape, ratio):
-    from harness.pruning.apply import remove_layers
     from harness.pruning.plan import plan_layers
+    from harness.pruning.surgery import remove_layers
 
     n = plan_layers(shape, ratio)
     student = remove_layers(model, list(range(n)))  # which n does not change the counts: layers are uniform
@@ -184,14 +169,13 @@ def _layer_student(model, shape, ratio):
 
 def _width_student(model, shape, ratio, settings):
     from harness.models.adapter import LMAdapter
-    from harness.pruning.apply import slice_widths
     from harness.pruning.plan import parse_layers, plan_width
+    from harness.pruning.surgery import slice_widths
 
-    attn = parse_layers(settings.get("attn_layers"), shape.num_layers, "attn_layers")
-    mlp = parse_layers(settings.get("mlp_layers"), shape.num_layers, "mlp_layers")
-    per_layer = bool(settings.get("per_layer_ratio", False))
-    counts = plan_width(shape, ratio, attn, mlp, per_layer, int(settings.get("round_to", 1)),
-                        bool(settings.get("prune_hidden", False)))
+    attn = parse_layers(settings.attn_layers, shape.num_layers, "attn_layers")
+    mlp = parse_layers(settings.mlp_layers, shape.num_layers, "mlp_layers")
+    per_layer = settings.per_layer_ratio
+    counts = plan_width(shape, ratio, attn, mlp, per_layer, settings.round_to, settings.prune_hidden)
     adapter = LMAdapter(model)
     groups, channels = shape.groups[0], shape.channels[0]
     per_group = adapter.num_heads // adapter.num_kv_heads
@@ -201,7 +185,7 @@ def _width_student(model, shape, ratio, settings):
         c = channels - (counts.channels_removed if i in counts.mlp_layers else 0)
         kept.append({"heads": list(range(g * per_group)), "kv_heads": list(range(g)), "mlp": list(range(c))})
     hidden = shape.hidden - counts.hidden_removed
-    kept_hidden = list(range(hidden)) if settings.get("prune_hidden") else None
+    kept_hidden = list(range(hidden)) if settings.prune_hidden else None
     student = slice_widths(model, kept, kept_hidden, kept_hidden)  # the projector's inner width follows the hidden size
     g_kept, c_kept = groups - counts.groups_removed, channels - counts.channels_removed
     mode = "per-layer fraction" if per_layer else "share of LM parameters"
@@ -235,7 +219,7 @@ def _sizes(model, student, ratio, whole_layers: bool, problems, teacher, method)
 
 
 def _recovery_lines(spec, teacher, model, student, method, ratio, recipes, problems, worst) -> list[str]:
-    from harness.models.memory import estimate_recovery_memory
+    from harness.recovery.memory import estimate_recovery_memory
     from harness.recovery.recipes import get_recipe
 
     if not recipes:
@@ -257,7 +241,7 @@ def _recovery_lines(spec, teacher, model, student, method, ratio, recipes, probl
 
 def _sharded(student, teacher, recipe, est) -> str:
     """For a step that does not fit: how many GPUs sharding gradients and optimizer states would do."""
-    from harness.models.memory import estimate_recovery_memory
+    from harness.recovery.memory import estimate_recovery_memory
 
     if est.fits():
         return ""

@@ -24,6 +24,15 @@ from harness.errors import HarnessError
 from harness.grid import stages as st
 from harness.grid.spec import Cell, Spec
 from harness.io import read_json
+from harness.paths import grid_root
+
+
+class GridFailed(Exception):
+    """Some stages failed; `results` holds the cells that finished (or None)."""
+
+    def __init__(self, results, failed: int):
+        super().__init__(f"{failed} stage(s) failed")
+        self.results = results
 
 
 @dataclass
@@ -47,7 +56,7 @@ def build_plan(spec: Spec) -> Plan:
         base = {"data": data, "tasks": spec.tasks}
         t_eval = plan.add(st.Stage("teacher-eval", {**base, "teacher": cell.teacher, "teacher_fp": fps[cell.teacher],
                                                     "settings": ev}))
-        prune_settings = {**spec.prune_settings, **spec.method_settings.get(cell.method, {})}
+        prune_settings = spec.prune_overrides(cell.method)
         prune = plan.add(st.Stage("prune", {"teacher": cell.teacher, "teacher_fp": fps[cell.teacher], "data": data,
                                             "method": cell.method, "ratio": cell.ratio, "settings": prune_settings}))
         final_model, deps = f"pruned/{prune}", [prune]
@@ -108,7 +117,7 @@ def ensure(plan: Plan, stage: st.Stage, retry_failed: bool = False, log=print) -
 def stage_lock(stage: st.Stage, log=print):
     """Hold the stage's lock. It is an OS lock (flock): a runner killed with -9 releases it with its
     process, so the lock file it leaves behind never blocks a rerun."""
-    lock_path = st.GRID_ROOT / "locks" / f"{stage.key}.lock"
+    lock_path = grid_root() / "locks" / f"{stage.key}.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(lock_path))
     try:
@@ -131,7 +140,7 @@ def _append_run_log(stage: st.Stage, seconds: float) -> None:
 
     line = json.dumps({"key": stage.key, "kind": stage.kind, "pid": os.getpid(), "seconds": round(seconds, 3),
                        "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    with open(st.GRID_ROOT / "runs.jsonl", "a") as f:
+    with open(grid_root() / "runs.jsonl", "a") as f:
         f.write(line + "\n")
 
 
@@ -186,7 +195,7 @@ def run_submitit(plan: Plan, backend: str, retry_failed: bool = False, log=print
     import submitit
 
     t0 = time.perf_counter()
-    folder = st.GRID_ROOT / "submitit" / plan.spec.name
+    folder = grid_root() / "submitit" / plan.spec.name
     if backend == "slurm":
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
     else:
@@ -230,6 +239,66 @@ def collect_rows(plan: Plan) -> list[dict]:
     return rows
 
 
+def collect_items(plan: Plan) -> list[dict]:
+    """Per-item scores on each benchmark's primary metric, for `items.parquet` (item-level bootstrap).
+
+    Read from the lmms-eval sample log beside each evaluation (`<key>.samples.jsonl`, named by the
+    eval JSON's `samples_file`). One row per (evaluation, benchmark, item): the identifier columns of
+    cells.csv, `role` ('student', or 'teacher' once per teacher for its own evaluation, with empty
+    pruning columns), `benchmark`, `item`, `stratum`, `score`, `pred`, `gold`. The benchmark's
+    score is recomputed from the rows exactly as lmms-eval aggregates it:
+    - mean metrics (exact_match, anls, ...): `score` is the item's value (item = lmms-eval doc_id),
+      the benchmark score is their mean;
+    - MME (`mme_*_score`): an item is one image's question pair (incomplete pairs dropped, as the
+      aggregate does), `score` its acc + acc+ in percent (0, 50 or 200), `stratum` its category;
+      the benchmark score is the sum over categories of the mean;
+    - POPE F1 is not a per-item quantity: `score` is correctness (0/1) and `pred`/`gold` ('yes',
+      'no' or 'other') let a bootstrap recompute precision, recall and F1 on every resample.
+    A benchmark whose per-sample values are none of these (e.g. an LLM-judge record) gets no rows.
+    """
+    import json
+
+    rows, teachers_seen = [], set()
+    for cell, ids in plan.cell_stages.items():
+        final, teacher = plan.stages[ids["eval"]], plan.stages[ids["teacher-eval"]]
+        if not (final.done() and teacher.done()):
+            continue
+        evals = [("student", final, {"cell": cell.label, **asdict(cell)})]
+        if cell.teacher not in teachers_seen:
+            teachers_seen.add(cell.teacher)
+            evals.append(("teacher", teacher, {"cell": f"{cell.teacher}/teacher", "teacher": cell.teacher}))
+        for role, stage, ident in evals:
+            res = read_json(stage.output)
+            log = stage.output.with_name(res.get("samples_file") or f"{stage.key}.samples.jsonl")
+            if not log.is_file():
+                continue
+            records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            base = {"experiment": plan.spec.name, **ident, "role": role}
+            for bench, (task, metric) in res.get("benchmarks", {}).items():
+                found, pairs, known = [], {}, True
+                for rec in (r for r in records if r.get("task") == task and metric in r):
+                    value, item = rec[metric], {**base, "benchmark": bench, "item": str(rec["doc_id"]),
+                                                "stratum": None, "pred": None, "gold": None}
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        found.append({**item, "score": float(value)})
+                    elif isinstance(value, dict) and {"prediction", "ground_truth", "score"} <= value.keys():
+                        pred = value["prediction"] if value["prediction"] in ("yes", "no") else "other"
+                        found.append({**item, "score": float(value["score"]), "pred": pred,
+                                      "gold": value["ground_truth"]})
+                    elif isinstance(value, dict) and {"category", "question_id", "score"} <= value.keys():
+                        pairs.setdefault((value["category"], str(value["question_id"])), []).append(value["score"])
+                    else:
+                        known = False
+                for (category, question), scores in pairs.items():
+                    if len(scores) == 2:
+                        found.append({**base, "benchmark": bench, "item": f"{category}/{question}",
+                                      "stratum": category, "score": 50.0 * sum(scores) + 100.0 * (sum(scores) == 2),
+                                      "pred": None, "gold": None})
+                if known:
+                    rows.extend(found)
+    return rows
+
+
 def cell_failures(plan: Plan) -> list[dict]:
     """One row per cell that cannot finish because one of its stages failed: which stage, and why."""
     rows = []
@@ -244,7 +313,8 @@ def cell_failures(plan: Plan) -> list[dict]:
 
 
 def write_results(plan: Plan, results_root: Path = Path("results")) -> Path | None:
-    """`cells.csv`/`.parquet`: the finished cells; `failed.csv`: the failed ones with their reason (only if any)."""
+    """`cells.csv`/`.parquet`: the finished cells; `items.parquet`: their per-item primary scores (see
+    collect_items; absent when no sample log exists); `failed.csv`: the failed cells with their reason (only if any)."""
     import pandas as pd
 
     from harness.io import atomic_write_text
@@ -262,11 +332,20 @@ def write_results(plan: Plan, results_root: Path = Path("results")) -> Path | No
     df = pd.DataFrame(rows).sort_values(["teacher", "method", "ratio", "recovery", "data_fraction", "seed",
                                          "benchmark", "metric"]).reset_index(drop=True)
     atomic_write_text(out / "cells.csv", df.to_csv(index=False))
-    fd, tmp = tempfile.mkstemp(prefix=".cells.parquet.tmp-", dir=out)  # unique: two runners may finish together
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, out / "cells.parquet")
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    tables = {"cells.parquet": df}
+    items = collect_items(plan)
+    if items:
+        tables["items.parquet"] = (pd.DataFrame(items).astype({"seed": "Int64"})  # teacher rows have no seed
+                                   .sort_values(["role", "teacher", "cell", "benchmark", "item"])
+                                   .reset_index(drop=True))
+    elif (out / "items.parquet").exists():
+        (out / "items.parquet").unlink()  # stale: its evaluations are gone
+    for name, table in tables.items():
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=out)  # unique: two runners may finish together
+        os.close(fd)
+        try:
+            table.to_parquet(tmp, index=False)
+            os.replace(tmp, out / name)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
     return out

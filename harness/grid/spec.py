@@ -32,12 +32,12 @@ import yaml
 
 from harness.errors import HarnessError
 from harness.io import load_yaml
+from harness.paths import DEFAULT_DATA
 
 TOP_KEYS = {"name", "description", "data", "teachers", "tasks", "seeds", "prune", "recover", "eval", "excludes",
             "only", "models"}
 PRUNE_KEYS = {"methods", "ratios", "settings", "method_settings"}
 RECOVER_KEYS = {"recipes", "fractions", "settings", "recipe_settings"}
-EVAL_KEYS = {"limit", "batch_size"}
 CELL_FIELDS = ("teacher", "method", "ratio", "recovery", "data_fraction", "seed")
 
 
@@ -76,6 +76,17 @@ class Spec:
     excludes: list[dict]
     only: list[dict]
     models: dict
+
+    def prune_overrides(self, method: str) -> dict:
+        """The `prune.settings` a method's pruning stage receives (`method_settings` win)."""
+        return {**self.prune_settings, **self.method_settings.get(method, {})}
+
+    def prune_settings_for(self, method: str):
+        """The checked `PruneSettings` of one method's pruning stages."""
+        from harness.pruning.settings import PruneSettings
+        from harness.settings import from_mapping
+
+        return from_mapping(PruneSettings, self.prune_overrides(method), "prune settings").for_method(method)
 
     def cells(self) -> list[Cell]:
         cells: list[Cell] = []
@@ -135,7 +146,7 @@ def _check_keys(where: str, got: dict, allowed: set) -> None:
 
 def load_spec(path: str | Path) -> Spec:
     """Parse and validate a spec; every problem is one HarnessError naming the key."""
-    from harness.pruning import METHODS
+    from harness.pruning.methods import get_method
     from harness.recovery.recipes import PRESETS
 
     path = Path(path)
@@ -152,13 +163,16 @@ def load_spec(path: str | Path) -> Spec:
     prune, recover, ev = raw["prune"], raw["recover"], raw.get("eval") or {}
     _check_keys(f"{path}: prune", prune, PRUNE_KEYS)
     _check_keys(f"{path}: recover", recover, RECOVER_KEYS)
-    _check_keys(f"{path}: eval", ev, EVAL_KEYS)
+    if not isinstance(ev, dict):
+        raise HarnessError(f"{path}: eval must be a mapping")
     if not isinstance(raw["name"], str) or not raw["name"].replace("-", "").replace("_", "").isalnum():
         raise HarnessError(f"{path}: name must be a plain identifier, got {raw['name']!r}")
     methods = _require_list(f"{path}: prune.methods", prune.get("methods"), str)
     for m in methods:
-        if m not in METHODS:
-            raise HarnessError(f"{path}: unknown pruning method {m!r}; known: {', '.join(METHODS)}")
+        try:
+            get_method(m)
+        except HarnessError as e:
+            raise HarnessError(f"{path}: {e}") from None
     ratios = _require_list(f"{path}: prune.ratios", prune.get("ratios"), float)
     for r in ratios:
         if not 0 < r < 1:
@@ -193,7 +207,7 @@ def load_spec(path: str | Path) -> Spec:
         for entry in d:
             _check_keys(f"{path}: {where} entry", entry, set(CELL_FIELDS))
     spec = Spec(
-        name=raw["name"], path=path, data=str(raw.get("data", "artifacts/data/synth")), teachers=teachers,
+        name=raw["name"], path=path, data=str(raw.get("data", DEFAULT_DATA)), teachers=teachers,
         tasks=tasks, seeds=seeds, methods=methods, ratios=[float(r) for r in ratios],
         prune_settings=prune.get("settings") or {}, method_settings=prune.get("method_settings") or {},
         recipes=recipes, fractions=[float(f) for f in fractions], recover_settings=recover.get("settings") or {},
@@ -213,48 +227,29 @@ def load_spec(path: str | Path) -> Spec:
     return spec
 
 
-PRUNE_FIXED = {"model", "method", "ratio", "out", "processor", "data", "importance_dir"}  # set by the grid itself
-POSITIVE = {"calib_samples", "batch_size", "max_length", "round_to", "context"}
-
-
 def _check_prune_settings(spec: Spec) -> None:
-    """Prune settings are `harness.pruning.prune.prune` keywords: known names, right types, positive sizes."""
-    import difflib
-    import inspect
+    """Prune settings are `PruneSettings` fields of the right types; width settings only for width methods."""
+    from harness.pruning.settings import PruneSettings
+    from harness.settings import check_mapping
 
-    from harness.io import has_type
-    from harness.pruning.prune import prune
-
-    params = inspect.signature(prune).parameters
-    known = sorted(set(params) - PRUNE_FIXED)
-    blocks = [("prune.settings", spec.prune_settings)]
-    blocks += [(f"prune.method_settings.{m}", s) for m, s in spec.method_settings.items()]
-    for where, settings in blocks:
-        for key, value in settings.items():
-            if key not in known:
-                close = difflib.get_close_matches(key, known, 1)
-                hint = f" (did you mean {close[0]}?)" if close else f"; known: {', '.join(known)}"
-                raise HarnessError(f"{spec.path}: {where} has unknown setting {key!r}{hint}")
-            annotation = str(params[key].annotation)
-            if key in ("attn_layers", "mlp_layers") and isinstance(value, list):
-                continue  # START:END or a list of layer indices
-            if not has_type(value, annotation):
-                raise HarnessError(f"{spec.path}: {where}.{key} must be {annotation}, got {value!r}")
-            if key in POSITIVE and value is not None and value < 1:
-                raise HarnessError(f"{spec.path}: {where}.{key} must be >= 1, got {value!r}")
+    check_mapping(PruneSettings, spec.prune_settings, f"{spec.path}: prune.settings")
+    for method, settings in spec.method_settings.items():
+        check_mapping(PruneSettings, settings, f"{spec.path}: prune.method_settings.{method}")
+    for method in spec.methods:
+        try:
+            spec.prune_settings_for(method)
+        except HarnessError as e:
+            raise HarnessError(f"{spec.path}: prune settings for {method}: {e}") from None
 
 
 def _check_eval(spec: Spec) -> None:
     """Evaluation settings and task names fail here, not in the first evaluation stage."""
     from harness.evaluation.evaluate import check_tasks, split_tasks
+    from harness.evaluation.settings import EvalSettings
+    from harness.settings import from_mapping
 
-    limit, batch = spec.eval_settings.get("limit"), spec.eval_settings.get("batch_size", 1)
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
-        raise HarnessError(f"{spec.path}: eval.limit must be a positive number (samples per task, a fraction if < 1) "
-                           f"or null, got {limit!r}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise HarnessError(f"{spec.path}: eval.batch_size must be a positive integer, got {batch!r}")
     try:
+        from_mapping(EvalSettings, {k: v for k, v in spec.eval_settings.items() if v is not None}, "eval")
         check_tasks(split_tasks(spec.tasks))
     except HarnessError as e:
         raise HarnessError(f"{spec.path}: {e}") from None

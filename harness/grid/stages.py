@@ -18,8 +18,7 @@ from pathlib import Path
 from harness import __version__
 from harness.errors import HarnessError
 from harness.io import read_json, write_json
-
-GRID_ROOT = Path(os.environ.get("HARNESS_GRID_ROOT", "artifacts/grid")).absolute()
+from harness.paths import artifacts_dir, grid_root
 
 
 def fingerprint(model: str) -> str:
@@ -56,11 +55,11 @@ class Stage:
     def output(self) -> Path:
         sub = {"teacher-eval": "evals", "eval": "evals", "prune": "pruned", "recover": "recovered"}[self.kind]
         suffix = ".json" if self.kind in ("eval", "teacher-eval") else ""
-        return GRID_ROOT / sub / f"{self.key}{suffix}"
+        return grid_root() / sub / f"{self.key}{suffix}"
 
     @property
     def failure_file(self) -> Path:
-        return GRID_ROOT / "failed" / f"{self.key}.json"
+        return grid_root() / "failed" / f"{self.key}.json"
 
     def done(self) -> bool:
         return self.output.exists()
@@ -74,20 +73,20 @@ def run_stage(stage: Stage, group: str) -> float:
     t0 = time.perf_counter()
     p = stage.payload
     if stage.kind == "prune":
-        from harness.pruning.prune import prune
+        from harness.pruning.pipeline import prune
 
         prune(p["teacher"], method=p["method"], ratio=p["ratio"], out=stage.output, data=p["data"],
-              importance_dir=GRID_ROOT / "importance", **p["settings"])
+              importance_dir=grid_root() / "importance", **p["settings"])
         _log_wandb(group, "prune", p, read_json(stage.output / "pruning.json"), stage.key)
     elif stage.kind == "recover":
         from harness.recovery.train import recover
 
-        recover(p["teacher"], GRID_ROOT / "pruned" / p["student"], p["recipe"], p["data"], p["data_fraction"],
+        recover(p["teacher"], grid_root() / "pruned" / p["student"], p["recipe"], p["data"], p["data_fraction"],
                 stage.output, overrides=p["settings"], group=group, progress=False)
     else:
         from harness.evaluation.evaluate import evaluate
 
-        model = p["teacher"] if stage.kind == "teacher-eval" else str(GRID_ROOT / p["model_dir"])
+        model = p["teacher"] if stage.kind == "teacher-eval" else str(grid_root() / p["model_dir"])
         result = evaluate(model, p["tasks"], stage.output, data_dir=Path(p["data"]) / "benchmarks",
                           **p["settings"])
         summary = {"scores": result["scores"], "efficiency": result.get("efficiency", {})}
@@ -124,7 +123,7 @@ def _log_wandb(group: str, job_type: str, config: dict, summary: dict, key: str)
 
     if wandb_mode() == "disabled":
         return
-    save_dir = Path(os.environ.get("HARNESS_ARTIFACTS", "artifacts")) / "wandb"
+    save_dir = artifacts_dir() / "wandb"
     save_dir.mkdir(parents=True, exist_ok=True)
     run = start_run(project=os.environ.get("WANDB_PROJECT", "mllm-compression"), group=group, job_type=job_type,
                     name=f"{job_type}-{key}", config=config, dir=str(save_dir), reinit="finish_previous")

@@ -1,7 +1,6 @@
-"""Model registry and loading: embedded teachers, local checkpoints, hub ids."""
+"""Models: the language-model adapter per family, loading, construction from configs, FLOPs and memory shapes."""
 
 from harness.models.adapter import LMAdapter
-from harness.models.embedded import EMBEDDED, build_embedded
 from harness.models.loading import load
 
-__all__ = ["EMBEDDED", "LMAdapter", "build_embedded", "load"]
+__all__ = ["LMAdapter", "load"]

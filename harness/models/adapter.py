@@ -23,6 +23,7 @@ class Family:
     mlp_out: str = "down_proj"
     attn: str = "self_attn"
     mlp: str = "mlp"
+    final_norm: str = "norm"  # the decoder's norm after the last layer
 
 
 LLAMA_LIKE = Family()
@@ -30,7 +31,7 @@ FAMILIES = {
     "llama": LLAMA_LIKE,
     "mistral": LLAMA_LIKE,
     "qwen2": LLAMA_LIKE,
-    "phi": Family(attn_out="dense", mlp_in=("fc1",), mlp_out="fc2"),
+    "phi": Family(attn_out="dense", mlp_in=("fc1",), mlp_out="fc2", final_norm="final_layernorm"),
 }
 
 
@@ -55,6 +56,10 @@ class LMAdapter:
     @property
     def layers(self) -> nn.ModuleList:
         return self.decoder.layers
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return getattr(self.decoder, self.family.final_norm)
 
     @property
     def lm_head(self) -> nn.Linear:

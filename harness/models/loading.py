@@ -2,32 +2,39 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
-from harness.errors import HarnessError
-from harness.models.embedded import EMBEDDED
+from torch import nn
 
-# Trained embedded teachers are committed here (HF-native, safetensors).
-TEACHERS_DIR = Path(__file__).resolve().parents[2] / "artifacts" / "teachers"
+from harness.errors import HarnessError
+from harness.models.build import resize_to_widths
+from harness.paths import TEACHERS_DIR
+
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
+def teacher_names() -> list[str]:
+    """The trained teachers shipped with (or trained into) the repository: folders under `artifacts/teachers/`."""
+    if not TEACHERS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in TEACHERS_DIR.iterdir() if (p / "config.json").exists())
+
+
 def resolve(spec: str | Path) -> Path | str:
-    """Map an embedded name to its teacher folder; leave paths and hub ids alone."""
+    """Map a teacher name to its folder under `artifacts/teachers/`; leave paths and hub ids alone."""
     spec = str(spec)
-    if spec in EMBEDDED:
-        path = TEACHERS_DIR / spec
-        if not (path / "config.json").exists():
-            raise HarnessError(f"embedded teacher {spec!r} is not trained yet: run `harness teacher train {spec}`")
-        return path
+    if spec in teacher_names():
+        return TEACHERS_DIR / spec
     path = Path(spec)
     if path.exists():
         return path
     if "/" in spec and not spec.startswith((".", "/")) and spec.count("/") == 1:
         return spec  # a hub id; transformers resolves it from the cache or (online) the hub
-    known = ", ".join(sorted(EMBEDDED))
-    raise HarnessError(f"unknown model {spec!r}: not an embedded name ({known}), a directory, or a hub id")
+    known = ", ".join(teacher_names()) or "none yet"
+    raise HarnessError(f"unknown model {spec!r}: not a trained teacher ({known}; `harness teacher train NAME` trains "
+                       f"an embedded one), a directory, or a hub id")
 
 
 def check_checkpoint(path: Path) -> dict:
@@ -68,8 +75,6 @@ def load(spec: str | Path, dtype=None, device: str | None = None, processor: boo
     dtype = dtype or torch.float32
     try:
         if isinstance(where, Path) and (where / "pruning.json").exists():
-            from harness.pruning.checkpoint import load_pruned
-
             model = load_pruned(where, dtype=dtype)
         else:
             model, report = LlavaForConditionalGeneration.from_pretrained(where, dtype=dtype, use_safetensors=True,
@@ -85,3 +90,44 @@ def load(spec: str | Path, dtype=None, device: str | None = None, processor: boo
         model.to(device)
     model.eval()
     return (model, AutoProcessor.from_pretrained(where)) if processor else model
+
+
+@functools.cache
+def _width_aware_class():
+    """A `LlavaForConditionalGeneration` that takes per-layer widths from its config while it is built.
+
+    from_pretrained constructs the model (on the meta device) and then loads the weights
+    with the checkpoint's key renaming; resizing inside `__init__` lets it do both for
+    non-uniform shapes. transformers applies the Llava renaming only to classes it knows,
+    so it is registered for this one; the class is swapped back after loading.
+    """
+    from transformers import LlavaForConditionalGeneration
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    class WidthAwareLlava(LlavaForConditionalGeneration):
+        def __init__(self, config):
+            super().__init__(config)
+            resize_to_widths(self)
+
+    register_checkpoint_conversion_mapping(WidthAwareLlava.__name__, get_checkpoint_conversion_mapping("llava"),
+                                           overwrite=True)
+    return WidthAwareLlava
+
+
+def load_pruned(path: str | Path, dtype=None) -> nn.Module:
+    """Load a pruned checkpoint (uniform or per-layer widths) from safetensors, strictly."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    path = Path(path)
+    model, report = _width_aware_class().from_pretrained(
+        path, dtype=dtype or torch.float32, use_safetensors=True, output_loading_info=True)
+    problems = {k: v for k, v in report.items() if v}
+    if problems:
+        detail = "; ".join(f"{k}: {sorted(map(str, v))[:3]}" for k, v in problems.items())
+        raise HarnessError(f"pruned checkpoint {path} does not match its config ({detail})")
+    model.__class__ = LlavaForConditionalGeneration
+    return model

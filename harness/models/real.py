@@ -28,27 +28,6 @@ REAL_MODELS = {
     "BAAI/Bunny-v1_0-3B": "bunny-v1_0-3b-native",
 }
 
-# BAAI/Bunny-v1_0-3B's own config.json (remote code, model_type bunny-phi), as published.
-# `bunny_native_config` runs the converter's config logic on it; a test checks the shipped file against that.
-BUNNY_V1_0_3B_CONFIG = {
-    "_name_or_path": "BAAI/bunny-phi-2-siglip", "architectures": ["BunnyPhiForCausalLM"],
-    "attention_dropout": 0.0, "bos_token_id": 50256, "embd_pdrop": 0.0, "eos_token_id": 50256,
-    "freeze_mm_mlp_adapter": False, "hidden_act": "gelu_new", "hidden_size": 2560, "image_aspect_ratio": "pad",
-    "initializer_range": 0.02, "intermediate_size": 10240, "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 2048, "mm_hidden_size": 1152, "mm_projector_lr": 2e-05,
-    "mm_projector_type": "mlp2x_gelu", "mm_vision_tower": "google/siglip-so400m-patch14-384",
-    "model_type": "bunny-phi", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
-    "pad_token_id": 50256, "partial_rotary_factor": 0.4, "qk_layernorm": False, "resid_pdrop": 0.1,
-    "rope_scaling": None, "rope_theta": 10000.0, "tie_word_embeddings": False, "tokenizer_model_max_length": 2048,
-    "tokenizer_padding_side": "right", "torch_dtype": "float16", "transformers_version": "4.36.2",
-    "tune_mm_mlp_adapter": False, "use_cache": True, "use_mm_proj": True, "vocab_size": 50295,
-}
-# Bunny v1.0 deleted SigLIP-so400m's last layer (27 -> 26) and its pooling head before saving.
-BUNNY_VISION_LAYERS = 26
-# Phi-2's tokenizer: 50257 BPE tokens + 38 added ones = Bunny's vocab_size; `<image>` becomes the next id.
-BUNNY_IMAGE_TOKEN_ID = 50295
-
-
 def known_names() -> list[str]:
     return sorted(REAL_MODELS) + sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
@@ -90,29 +69,3 @@ def source_note(name: str | Path) -> dict:
     if path is None:
         raise HarnessError(f"no shipped config for {str(name)!r}; known: {', '.join(known_names())}")
     return json.loads(path.read_text()).get("_source", {})
-
-
-def bunny_native_config(bunny_config: dict | None = None, vision_layers: int = BUNNY_VISION_LAYERS,
-                        image_token_id: int = BUNNY_IMAGE_TOKEN_ID):
-    """The native `LlavaConfig` `harness convert bunny` writes for Bunny-v1_0-3B, from its config and tower shape.
-
-    The converter reads the tower's depth, widths and patch size off the weights; meta tensors
-    of the published shapes stand in for them here.
-    """
-    import torch
-
-    from harness.convert.bunny import VISION_SRC, build_llava_config, vision_config
-
-    cfg = dict(bunny_config or BUNNY_V1_0_3B_CONFIG)
-    d, patch, grid, inter = 1152, 14, 27, 4304  # SigLIP-so400m-patch14-384
-    shapes = {
-        f"{VISION_SRC}embeddings.patch_embedding.weight": torch.empty(d, 3, patch, patch, device="meta"),
-        f"{VISION_SRC}embeddings.position_embedding.weight": torch.empty(grid * grid, d, device="meta"),
-        **{f"{VISION_SRC}encoder.layers.{i}.mlp.fc1.weight": torch.empty(inter, d, device="meta")
-           for i in range(vision_layers)},
-    }
-    vision, feature_layer = vision_config(cfg, shapes)
-    vocab = max(int(cfg["vocab_size"]), image_token_id + 1)
-    config = build_llava_config(cfg, vision, feature_layer, image_token_id, vocab)
-    config.bunny_conversion["tokenizer"] = "tokenizer and processor saved"
-    return config

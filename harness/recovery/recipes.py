@@ -105,10 +105,13 @@ class Recipe:
             raise HarnessError(f"unknown recipe setting(s): {', '.join(unknown)}")
         if isinstance(overrides.get("hidden_pairs"), list):
             overrides["hidden_pairs"] = tuple(tuple(p) for p in overrides["hidden_pairs"])
-        from harness.io import has_type
+        import typing
 
+        from harness.settings import fits
+
+        hints = typing.get_type_hints(Recipe)
         for f in dataclasses.fields(self):
-            if f.name in overrides and not has_type(overrides[f.name], str(f.type)):
+            if f.name in overrides and not fits(overrides[f.name], hints[f.name]):
                 raise HarnessError(f"recipe {self.name}: {f.name} must be {f.type}, got {overrides[f.name]!r}")
         return dataclasses.replace(self, **overrides).validate()
 
@@ -127,8 +130,8 @@ PRESETS: dict[str, Recipe] = {
         Recipe("sft+kd-logit", **_LORA, ce=1 - ALPHA, kl=ALPHA),
         Recipe("sft+kd-hidden", **_LORA, ce=1 - ALPHA, hidden=ALPHA),
         Recipe("sft+kd-logit+hidden", **_LORA, ce=1 - ALPHA, kl=ALPHA, hidden=ALPHA),
-        # Training the embedded teachers in LLaVA's two stages (recovery/teacher.py); batch 128
-        # of one-question records, the setting measured best on these 2 cores (README).
+        # Training the embedded teachers in LLaVA's two stages (synthetic/teachers.py); batch 128
+        # of one-question records, the setting measured best on these 2 cores (docs/teachers.md).
         Recipe("teacher-align", lr=1e-3, batch_size=64, warmup_ratio=0.05, adam_beta2=0.98),
         Recipe("teacher-full", language_model="full", lr=1e-3, batch_size=128, warmup_ratio=0.05, adam_beta2=0.98),
     ]

@@ -7,49 +7,65 @@ stage 1 aligns the projector alone, stage 2 trains projector and language model
 (progressive stacking): it first trains a shallow language model (`grow.layers`
 decoder layers), which learns the world's questions several times faster per step
 and per second than the full depth does, then repeats every layer to the embedded
-spec's depth (`pruning.apply.repeat_layers`) and trains all of it (`deep`).
+spec's depth (`grow.repeat_layers`) and trains all of it (`deep`).
 Stages 1 and 2 run through the same Lightning module and Trainer as recovery.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from harness.data.datamodule import MixDataModule
 from harness.errors import HarnessError
-from harness.models.embedded import EMBEDDED, build_embedded
-from harness.pruning.apply import REPEAT_MODES, repeat_layers
 from harness.recovery.module import RecoveryModule
 from harness.recovery.recipes import get_recipe
 from harness.recovery.train import make_logger, save_model, train
-from harness.recovery.vision_pretrain import pretrain_vision, standardize_projector_input
+from harness.settings import from_mapping, setting
+from harness.synthetic.grow import REPEAT_MODES, repeat_layers
+from harness.synthetic.models import EMBEDDED, build_embedded
+from harness.synthetic.vision_pretrain import pretrain_vision, standardize_projector_input
 
-# Tuned on these 2 CPU cores (README: teacher quality table). `full` trains the shallow
+# Tuned on these 2 CPU cores (docs/teachers.md: teacher quality). `full` trains the shallow
 # language model of `grow.layers` layers; `deep` trains it after growing to the spec's depth.
 STAGES = {"vision": dict(steps=1000), "align": dict(max_steps=100), "full": dict(epochs=10.0),
           "grow": dict(layers=2, mode="split"), "deep": dict(epochs=6.0, lr=5e-4)}
-# Per-teacher departures from STAGES, as `--set` pairs (README: teacher quality). tiny-bunny's
+# Per-teacher departures from STAGES, as `--set` pairs (docs/teachers.md: teacher quality). tiny-bunny's
 # Phi language model was still improving at six epochs at full depth.
 TEACHER_SETTINGS = {"tiny-bunny": {"deep.epochs": 10.0}}
 RECIPES = {"align": "teacher-align", "full": "teacher-full", "deep": "teacher-full"}  # any recipe field applies
 
 
-def _positive_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+@dataclass(frozen=True)
+class VisionStage:
+    """Stage 0, vision-tower pretraining (`pretrain_vision`); the defaults are that function's."""
+
+    steps: int = setting(400, "optimizer steps", positive=True)
+    batch_size: int = setting(128, "images per step", positive=True)
+    lr: float = setting(2e-3, "learning rate")
+
+    def validate(self) -> VisionStage:
+        if self.lr <= 0:
+            raise HarnessError(f"vision.lr must be positive, got {self.lr!r}")
+        return self
 
 
-def _positive_number(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+@dataclass(frozen=True)
+class GrowStage:
+    """How the shallow language model of stage 2 is grown to the spec's depth (`grow.repeat_layers`)."""
+
+    layers: int = setting(2, "decoder layers of the shallow model (must divide the spec's depth)", positive=True)
+    mode: str = setting("split", f"how the copies start: {' or '.join(REPEAT_MODES)}")
+
+    def validate(self) -> GrowStage:
+        if self.mode not in REPEAT_MODES:
+            raise HarnessError(f"grow.mode must be one of {', '.join(REPEAT_MODES)}, got {self.mode!r}")
+        return self
 
 
-# The fields of the stages that are not recipes: field -> (check, what the value must be).
-OTHER_SETTINGS = {
-    "vision": {"steps": (_positive_int, "a positive int"), "batch_size": (_positive_int, "a positive int"),
-               "lr": (_positive_number, "a positive number")},
-    "grow": {"layers": (_positive_int, "a positive int"),
-             "mode": (lambda v: v in REPEAT_MODES, f"one of {', '.join(REPEAT_MODES)}")},
-}
+# The stages that are not recipes; `align`, `full` and `deep` take any `Recipe` field.
+OTHER_STAGES = {"vision": VisionStage, "grow": GrowStage}
 
 
 def stage_settings(overrides: dict | None = None, name: str | None = None) -> dict:
@@ -59,14 +75,9 @@ def stage_settings(overrides: dict | None = None, name: str | None = None) -> di
         stage, _, field = key.partition(".")
         if stage not in stages or not field:
             raise HarnessError(f"teacher setting {key!r} must be STAGE.FIELD with STAGE one of {', '.join(STAGES)}")
-        if stage in OTHER_SETTINGS:
-            fields = OTHER_SETTINGS[stage]
-            if field not in fields:
-                raise HarnessError(f"teacher setting {key!r}: the {stage} stage takes {', '.join(fields)}")
-            check, what = fields[field]
-            if not check(value):
-                raise HarnessError(f"teacher setting {key!r} must be {what}, got {value!r}")
         stages[stage][field] = value
+    for stage, cls in OTHER_STAGES.items():
+        from_mapping(cls, stages[stage], f"teacher setting {stage}")
     for stage, recipe_name in RECIPES.items():
         try:  # unknown or mistyped recipe fields fail here, before any training
             get_recipe(recipe_name, **stages[stage])

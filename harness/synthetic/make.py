@@ -19,9 +19,9 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from harness.data import world
 from harness.errors import HarnessError
 from harness.io import atomic_dir
+from harness.synthetic import world
 
 BENCHMARKS = ("synth_gqa", "synth_pope", "synth_mme", "synth_sqa", "synth_count", "synth_docvqa")
 
@@ -35,7 +35,7 @@ class WorldSpec:
     max_turns: int = 1
     # Consecutive records share one image, as LLaVA-665k's VQA subsets share COCO images.
     # One question per record and many images per batch teach a from-scratch teacher far
-    # faster than multi-turn records at the same compute (README: teacher training).
+    # faster than multi-turn records at the same compute (docs/teachers.md).
     records_per_image: int = 2
     # Relative frequency of each question family in the mix (world.FAMILY_WEIGHTS).
     family_weights: dict[str, int] = field(default_factory=lambda: dict(world.FAMILY_WEIGHTS))

@@ -332,7 +332,7 @@ def ask(family: str, scene: Scene, rng: random.Random) -> dict | None:
 # How often each family is asked in the training mix (`WorldSpec.family_weights`).
 # GQA, the broadest family, gets the most. (Asking lettered choice and counting most,
 # sqa=4 and count=3, helped one teacher's lettered choice and hurt the other teacher
-# everywhere: README, teacher training.)
+# everywhere: docs/teachers.md.)
 FAMILY_WEIGHTS = {"gqa": 3, "pope": 2, "mme": 2, "sqa": 2, "count": 2, "text": 2}
 
 

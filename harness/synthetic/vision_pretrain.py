@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from harness.data import world
+from harness.synthetic import world
 
 N_KIND = 1 + len(world.SHAPES) + 10  # empty, shapes, digits 0-9
 N_COLOR = 1 + len(world.COLORS)

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers import decoders as tk_decoders
 from tokenizers.models import WordLevel
 
-from harness.data import world
+from harness.synthetic import world
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 
@@ -85,7 +85,7 @@ EMBEDDED: dict[str, EmbeddedSpec] = {
                                # Phi's partial rotary leaves 3 of a 12-wide head's frequencies: 1,
                                # 0.32, 0.10 rad a token at rope_theta 30. At 10000 (1, 0.046, 0.002)
                                # tiny-bunny answered position questions at chance; 30 beat 100
-                               # (README, teacher quality).
+                               # (docs/teachers.md, teacher quality).
                                text=dict(_LM, num_key_value_heads=8, partial_rotary_factor=0.5, rope_theta=30.0,
                                          resid_pdrop=0.0, embd_pdrop=0.0), vision=_VISION),
     # Test-only variants: grouped-query attention in the Llama and Qwen2 styles.

@@ -27,7 +27,7 @@ from lmms_eval.tasks.pope.utils import (  # noqa: F401  (aggregations are named 
 )
 from lmms_eval.tasks.scienceqa.utils import sqa_process_results
 
-from harness.data.world import with_suffix
+from harness.synthetic.world import with_suffix
 
 
 def synth_doc_to_visual(doc):
