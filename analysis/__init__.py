@@ -1,12 +1,15 @@
 """Analysis of grid results: paper-style tables, figures, findings check and report.
 
 The grid runner writes one tidy row per (cell, benchmark, metric) to
-``results/<experiment>/cells.parquet`` (and ``cells.csv``). This package only
-reads those files, so it can be rerun at any time without touching the runs.
+``results/<experiment>/cells.parquet`` (and ``cells.csv``), and the per-item
+primary scores behind them to ``items.parquet`` (optional: older results lack it).
+This package only reads those files, so it can be rerun at any time without
+touching the runs.
 
 Modules: ``tables`` (AVG-% and Tables A/B), ``figures`` (PNG + PDF plots),
-``findings`` (verdicts on the paper's five findings), ``report`` (report.md and
-W&B logging); ``python -m analysis`` drives them from the command line.
+``uncertainty`` (paired item bootstrap and seed intervals), ``findings``
+(verdicts on the paper's five findings), ``report`` (report.md and W&B
+logging); ``python -m analysis`` drives them from the command line.
 """
 
 from pathlib import Path
@@ -22,6 +25,8 @@ NUMERIC_COLUMNS = (
     "ratio", "ratio_achieved", "data_fraction", "seed", "score", "teacher_score", "retained",
 )
 RESULT_FILES = ("cells.parquet", "cells.csv")
+ITEMS_FILE = "items.parquet"
+ITEM_COLUMNS = ("cell", "role", "teacher", "benchmark", "item", "stratum", "score", "pred", "gold")
 
 
 class AnalysisError(ValueError):
@@ -71,3 +76,23 @@ def _as_bool(series: pd.Series) -> pd.Series:
     if series.dtype == bool:
         return series
     return series.astype(str).str.strip().str.lower().isin({"true", "1", "1.0", "yes"})
+
+
+def load_items(path_or_dir) -> pd.DataFrame | None:
+    """The per-item scores beside a cells file, or None when there are none (then no bootstrap).
+
+    An unreadable or malformed file is an error, not a silent fallback to no intervals.
+    """
+    path = Path(path_or_dir)
+    path = (path if path.is_dir() else path.parent) / ITEMS_FILE
+    if not path.is_file():
+        return None
+    try:
+        items = pd.read_parquet(path)
+    except (OSError, ValueError, ImportError) as err:
+        first_line = (str(err).splitlines() or [type(err).__name__])[0]
+        raise AnalysisError(f"cannot read {path}: {first_line}") from err
+    missing = [col for col in ITEM_COLUMNS if col not in items.columns]
+    if missing:
+        raise AnalysisError(f"{path} lacks required column(s): {', '.join(missing)}")
+    return items

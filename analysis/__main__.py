@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from analysis import RESULT_FILES, AnalysisError, load_results
+from analysis import RESULT_FILES, AnalysisError, load_items, load_results
 
 
 def default_dirs(root: Path = Path("results")) -> list[Path]:
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         dirs = args.results_dirs or default_dirs()
-        frames = [load_results(d) for d in dirs]
+        frames = [(load_results(d), load_items(d)) for d in dirs]
     except AnalysisError as err:
         print(f"analysis: error: {err}", file=sys.stderr)
         return 2
@@ -42,9 +42,9 @@ def main(argv=None) -> int:
     from analysis.tables import to_markdown
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for results_dir, df in zip(dirs, frames, strict=True):
+    for results_dir, (df, items) in zip(dirs, frames, strict=True):
         print(f"== {results_dir}: {write_report(results_dir)}")
-        print(to_markdown(check_findings(df)))
+        print(to_markdown(check_findings(df, items)[["finding", "verdict", "counts", "intervals"]]))
         if args.wandb:
             print(f"logged W&B artifact {log_to_wandb(results_dir)}")
     return 0

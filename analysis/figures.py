@@ -60,8 +60,25 @@ def _figure_legend(fig: Figure, axes) -> None:
                    ncol=min(4, len(handles)), fontsize="small")
 
 
+ACHIEVED_LABEL = "achieved ratio (share of LM params removed)"
+
+
+def _achieved(cells: pd.DataFrame) -> pd.Series:
+    """Achieved ratio of each row; the requested one where none was recorded."""
+    return cells["ratio_achieved"].fillna(cells["ratio"])
+
+
+def _achieved_text(cells: pd.DataFrame) -> str:
+    """'0.164' or '0.149/0.164' when the rows removed different shares."""
+    return "/".join(f"{a:.3f}" for a in sorted(set(_achieved(cells).round(3))))
+
+
 def plot_zero_shot(summary: pd.DataFrame, out_dir: Path) -> Path | None:
-    """(a) AVG-% vs ratio per pruning method without recovery, one panel per teacher."""
+    """(a) AVG-% vs achieved ratio per pruning method without recovery, one panel per teacher.
+
+    The x axis is what was removed, not what was asked for: layer and width methods
+    remove different shares at one requested ratio. Points are labelled with the request.
+    """
     cells = summary[summary["recovery"] == "none"]
     if cells.empty:
         return _skip("zero_shot", "no cells without recovery")
@@ -70,11 +87,14 @@ def plot_zero_shot(summary: pd.DataFrame, out_dir: Path) -> Path | None:
     fig, axes = _figure(1, len(teachers))
     for ax, teacher in zip(axes[0], teachers, strict=True):
         for method, g in cells[cells["teacher"] == teacher].groupby("method"):
-            g = g.sort_values("ratio")
-            ax.errorbar(g["ratio"], g[AVG], yerr=g["ci95"].fillna(0).to_numpy(),
+            g = g.assign(x=_achieved(g)).sort_values("x")
+            ax.errorbar(g["x"], g[AVG], yerr=g["ci95"].fillna(0).to_numpy(),
                         marker="o", capsize=3, color=colors[method], label=method)
+            for x, y, requested in zip(g["x"], g[AVG], g["ratio"], strict=True):
+                ax.annotate(f"{requested:g}", (x, y), textcoords="offset points", xytext=(3, 3),
+                            fontsize="x-small", color=colors[method])
         ax.axhline(100, color="grey", ls="--", lw=0.8)
-        ax.set(title=teacher, xlabel="pruning ratio", ylabel=AVG)
+        ax.set(title=teacher, xlabel=ACHIEVED_LABEL, ylabel=AVG)
     _figure_legend(fig, axes)
     return _save(fig, out_dir, "zero_shot")
 
@@ -109,9 +129,10 @@ def _recovery_panel(ax, cells: pd.DataFrame, colors: dict) -> None:
     for i, recovery in enumerate(recoveries):
         ax.bar(x + (i - (len(recoveries) - 1) / 2) * width, table[recovery], width,
                color=colors[recovery], label=recovery)
-    ax.set_xticks(x, [f"{r:g}" for r in table.index])
+    achieved = [_achieved_text(cells[np.isclose(cells["ratio"], r)]) for r in table.index]
+    ax.set_xticks(x, [f"{r:g}\n({a})" for r, a in zip(table.index, achieved, strict=True)])
     ax.axhline(100, color="grey", ls="--", lw=0.8)
-    ax.set(xlabel="pruning ratio", ylabel=AVG)
+    ax.set(xlabel="requested pruning ratio (achieved)", ylabel=AVG)
 
 
 def plot_data_fraction(summary: pd.DataFrame, out_dir: Path) -> Path | None:
@@ -128,7 +149,8 @@ def plot_data_fraction(summary: pd.DataFrame, out_dir: Path) -> Path | None:
             key = (summary["teacher"] == teacher) & (summary["method"] == method) \
                 & np.isclose(summary["ratio"], ratio)
             _fraction_panel(axes[i][j], summary[key], colors)
-            axes[i][j].set_title(f"{teacher}, {method} @ {ratio:g}", fontsize="medium")
+            achieved = f" (achieved {_achieved_text(summary[key])})" if key.any() else ""
+            axes[i][j].set_title(f"{teacher}, {method} @ {ratio:g}{achieved}", fontsize="medium")
     _figure_legend(fig, axes)
     return _save(fig, out_dir, "data_fraction")
 
@@ -181,7 +203,10 @@ def plot_radar(df: pd.DataFrame, summary: pd.DataFrame, out_dir: Path) -> Path |
             ax.set_ylim(0, top)
             ax.set_rlabel_position(90 / len(names))
             ax.tick_params(axis="y", labelsize="x-small")
-            ax.set_title(f"{teacher}, ratio {ratio:g}", fontsize="medium")
+            achieved = ", ".join(f"{m} {_achieved_text(g)}" for m, g in
+                                 summary[(summary["teacher"] == teacher)
+                                         & np.isclose(summary["ratio"], ratio)].groupby("method"))
+            ax.set_title(f"{teacher}, ratio {ratio:g}\nachieved: {achieved}", fontsize="small")
     _figure_legend(fig, axes)
     return _save(fig, out_dir, "radar")
 
@@ -217,17 +242,18 @@ def plot_decision(df: pd.DataFrame, out_dir: Path) -> Path | None:
                     ha="center", va="center", fontsize=6.5)
         ax.set_xticks(range(len(ratios)), [f"{r:g}" for r in ratios])
         ax.set_yticks(range(len(budgets)), [budget_label(b) for b in budgets])
-        ax.set(title=teacher, xlabel="pruning ratio")
+        ax.set(title=teacher, xlabel="requested pruning ratio (achieved one beside each method)")
     fig.colorbar(image, ax=axes[0].tolist(), label=AVG, shrink=0.8)
     return _save(fig, out_dir, "decision")
 
 
 def _decision_text(d) -> str:
-    """Method, recovery (with its fraction when below the budget) and AVG-%."""
+    """Method (with its achieved ratio), recovery (with its fraction when below the budget) and AVG-%."""
     recovery = d["recovery"]
     if recovery != "none" and not np.isclose(d["data_fraction"], d["budget"]):
         recovery += f" ({100 * d['data_fraction']:g}%)"
-    return f"{d['method']}\n{recovery}\n{d[AVG]:.1f}"
+    achieved = "" if pd.isna(d["ratio_achieved"]) else f" ({d['ratio_achieved']:.3f})"
+    return f"{d['method']}{achieved}\n{recovery}\n{d[AVG]:.1f}"
 
 
 def make_figures(df: pd.DataFrame, out_dir) -> dict[str, Path]:

@@ -10,21 +10,26 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import find_results_file, load_results
+from analysis import find_results_file, load_items, load_results
 from analysis.figures import make_figures
 from analysis.findings import FINDINGS, check_findings
+from analysis.findings import __doc__ as FINDINGS_DOC
 from analysis.tables import AVG_DEFINITION, benchmarks, to_markdown, write_tables
+from analysis.uncertainty import __doc__ as UNCERTAINTY_DOC
 
 REPORT_NAME = "report.md"
 WANDB_DIR = Path(__file__).resolve().parents[1] / "artifacts" / "wandb"
 FIGURE_CAPTIONS = {
-    "zero_shot": "AVG-% vs pruning ratio without recovery, per pruning method.",
-    "recovery_bars": "Recovery methods compared at each ratio (best method of the family, "
-                     "largest data fraction).",
-    "data_fraction": "AVG-% vs fraction of the recovery data, per recovery; dotted: no recovery.",
-    "radar": "Retained % per benchmark at each ratio (largest data fraction per recovery).",
-    "decision": "Best (method, recovery) per ratio and data budget; a budget admits every cell "
-                "using at most that much data.",
+    "zero_shot": "AVG-% vs achieved pruning ratio (share of LM parameters removed) without "
+                 "recovery, per pruning method; labels give the requested ratio.",
+    "recovery_bars": "Recovery methods compared at each requested ratio, achieved ratio in brackets "
+                     "(best method of the family, largest data fraction).",
+    "data_fraction": "AVG-% vs fraction of the recovery data, per recovery; dotted: no recovery. "
+                     "Titles give requested and achieved ratio.",
+    "radar": "Retained % per benchmark at each requested ratio (largest data fraction per recovery); "
+             "titles give each method's achieved ratio.",
+    "decision": "Best (method, recovery) per requested ratio and data budget, with the achieved "
+                "ratio of the chosen method; a budget admits every cell using at most that much data.",
 }
 
 
@@ -41,10 +46,11 @@ def write_report(results_dir, out_dir=None) -> Path:
     """
     df = load_results(results_dir)
     source = find_results_file(results_dir)
+    items = load_items(source)
     out = Path(out_dir) if out_dir is not None else experiment_dir(results_dir)
     tables = write_tables(df, out / "tables")
     figures = make_figures(df, out / "figures")
-    findings = check_findings(df)
+    findings = check_findings(df, items)
     findings.to_csv(out / "findings.csv", index=False)
     path = out / REPORT_NAME
     path.write_text(_render(df, source, tables, figures, findings, out))
@@ -83,9 +89,24 @@ def _render(df, source: Path, tables, figures, findings, out: Path) -> str:
     missing = sorted(set(FIGURE_CAPTIONS) - set(figures))
     if missing:
         lines += [f"Not drawn for lack of data: {', '.join(missing)}.", ""]
-    lines += ["## Findings", "", to_markdown(findings), "", "Rules used:", ""]
+    lines += ["## Findings", "", _verdict_table(findings), "", "Rules used:", ""]
     lines += [f"- {f.name}: {f.rule}." for f in FINDINGS]
+    lines += ["", "How comparisons and verdicts are decided (`analysis/findings.py`, "
+              "`analysis/uncertainty.py`):", "", _docstring_body(FINDINGS_DOC), "",
+              _docstring_body(UNCERTAINTY_DOC), "", f"Intervals here: {findings['intervals'].iloc[0]}.",
+              "", "### Evidence", ""]
+    lines += [f"- **{row.finding}** ({row.verdict}): {row.evidence}" for row in findings.itertuples()]
     return "\n".join(lines) + "\n"
+
+
+def _verdict_table(findings: pd.DataFrame) -> str:
+    """Verdicts with the counts behind them; the long evidence follows as a list."""
+    return to_markdown(findings[["finding", "verdict", "counts"]])
+
+
+def _docstring_body(doc: str) -> str:
+    """A module docstring without its title line, for the report."""
+    return "\n".join(doc.strip().splitlines()[2:])
 
 
 def _table_text(table: pd.DataFrame, empty: str) -> str:

@@ -32,7 +32,8 @@ from harness.synthetic.models import build_embedded
 FAMILIES = ["tiny-llava", "tiny-bunny", "tiny-llava-gqa", "tiny-qwen2"]
 REQUIRED = {"method", "ratio_requested", "ratio_achieved", "lm_params_before", "lm_params_after",
             "total_params_before", "total_params_after", "macs_per_token_before", "macs_per_token_after",
-            "calibration_ids", "importance", "removed_layers"}
+            "calibration_ids", "importance", "removed_layers", "ratio_achieved_decoder_layers",
+            "decoder_layer_params_before", "decoder_layer_params_after"}
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +101,11 @@ def test_uniform_width_loads_with_plain_transformers(checkpoints, world, root, b
     out = root / f"{name}-w"
     assert REQUIRED <= set(info) and info["removed_layers"] == [] and len(info["kept"]) == 4
     assert json.loads((out / "pruning.json").read_text())["ratio_achieved"] == info["ratio_achieved"]
+    # the share of decoder-layer parameters is larger: the embeddings and LM head are not pruned
+    layers = info["decoder_layer_params_before"] - info["decoder_layer_params_after"]
+    assert layers == info["lm_params_before"] - info["lm_params_after"]
+    assert info["ratio_achieved_decoder_layers"] == round(layers / info["decoder_layer_params_before"], 6)
+    assert info["ratio_achieved_decoder_layers"] > info["ratio_achieved"]
     text = json.loads((out / "config.json").read_text())["text_config"]
     if name == "tiny-llava":
         assert text["model_type"] == "mistral" and text["sliding_window"] is None
@@ -109,6 +115,30 @@ def test_uniform_width_loads_with_plain_transformers(checkpoints, world, root, b
     assert torch.equal(logits(plain, batch), logits(load(out)[0], batch))
     reference = masked_original(checkpoints[name], info["kept"])
     assert (logits(plain, batch) - logits(reference, batch)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["width-magnitude", "width-taylor", "width-activation"])
+def test_query_heads_pruned_inside_kv_groups(checkpoints, world, root, batch, method):
+    """Minitron-style: every KV head stays and keeps the same number of its query heads (8 -> 6 of 8, 2 KV heads)."""
+    info = _prune(checkpoints, world, root, "tiny-llava-gqa", method, 0.3, f"gqa-q-{method}", attn_unit="query")
+    assert info["attn_unit"] == "query" and abs(info["ratio_achieved"] - 0.3) <= 0.01
+    for keep in info["kept"]:
+        assert keep["kv_heads"] == [0, 1]
+        per_group = [[h for h in keep["heads"] if h // 4 == g] for g in (0, 1)]
+        assert len(per_group[0]) == len(per_group[1]) < 4
+    plain = LlavaForConditionalGeneration.from_pretrained(root / f"gqa-q-{method}").eval()
+    text = plain.config.text_config
+    assert text.num_key_value_heads == 2 and text.num_attention_heads == len(info["kept"][0]["heads"]) < 8
+    reference = masked_original(checkpoints["tiny-llava-gqa"], info["kept"])
+    assert (logits(plain, batch) - logits(reference, batch)).abs().max() <= 1e-5
+
+
+def test_query_unit_needs_grouped_query_attention(checkpoints, world, root):
+    with pytest.raises(HarnessError, match="no grouped-query attention"):
+        _prune(checkpoints, world, root, "tiny-llava", "width-magnitude", 0.3, "no-gqa", attn_unit="query")
+    with pytest.raises(HarnessError, match="attn_unit must be one of group, query"):
+        _prune(checkpoints, world, root, "tiny-llava-gqa", "width-magnitude", 0.3, "bad-unit", attn_unit="heads")
+    assert not (root / "no-gqa").exists() and not (root / "bad-unit").exists()
 
 
 @pytest.mark.parametrize(("name", "method"), [("tiny-llava", "width-taylor"), ("tiny-bunny", "width-magnitude")])

@@ -169,28 +169,33 @@ def _layer_student(model, shape, ratio):
 
 def _width_student(model, shape, ratio, settings):
     from harness.models.adapter import LMAdapter
-    from harness.pruning.plan import parse_layers, plan_width
+    from harness.pruning.plan import lm_shape, parse_layers, plan_width
     from harness.pruning.surgery import slice_widths
 
+    shape = lm_shape(model, settings.attn_unit)
     attn = parse_layers(settings.attn_layers, shape.num_layers, "attn_layers")
     mlp = parse_layers(settings.mlp_layers, shape.num_layers, "mlp_layers")
     per_layer = settings.per_layer_ratio
     counts = plan_width(shape, ratio, attn, mlp, per_layer, settings.round_to, settings.prune_hidden)
     adapter = LMAdapter(model)
-    groups, channels = shape.groups[0], shape.channels[0]
-    per_group = adapter.num_heads // adapter.num_kv_heads
+    kv, channels = adapter.num_kv_heads, shape.channels[0]
+    per_group = adapter.num_heads // kv
     kept = []
     for i in range(shape.num_layers):
-        g = groups - (counts.groups_removed if i in counts.attn_layers else 0)
+        removed = counts.groups_removed if i in counts.attn_layers else 0
+        groups, heads = (kv, per_group - removed) if settings.attn_unit == "query" else (kv - removed, per_group)
         c = channels - (counts.channels_removed if i in counts.mlp_layers else 0)
-        kept.append({"heads": list(range(g * per_group)), "kv_heads": list(range(g)), "mlp": list(range(c))})
+        kept.append({"heads": [g * per_group + j for g in range(groups) for j in range(heads)],
+                     "kv_heads": list(range(groups)), "mlp": list(range(c))})
     hidden = shape.hidden - counts.hidden_removed
     kept_hidden = list(range(hidden)) if settings.prune_hidden else None
     student = slice_widths(model, kept, kept_hidden, kept_hidden)  # the projector's inner width follows the hidden size
-    g_kept, c_kept = groups - counts.groups_removed, channels - counts.channels_removed
+    pruned = next((k for i, k in enumerate(kept) if i in counts.attn_layers), kept[0])
+    c_kept = channels - counts.channels_removed
     mode = "per-layer fraction" if per_layer else "share of LM parameters"
-    lines = [f"    ratio = {mode}; per layer: heads {g_kept * per_group}/{groups * per_group} "
-             f"(KV heads {g_kept}/{groups}, {counts.groups_removed / groups:.1%} removed) in layers "
+    removed_share = 1 - len(pruned["heads"]) / adapter.num_heads
+    lines = [f"    ratio = {mode}; per layer: heads {len(pruned['heads'])}/{adapter.num_heads} "
+             f"(KV heads {len(pruned['kv_heads'])}/{kv}, {removed_share:.1%} removed) in layers "
              f"{_ranges(counts.attn_layers)}; MLP channels {c_kept}/{channels} "
              f"({counts.channels_removed / channels:.1%} removed) in layers {_ranges(counts.mlp_layers)}; "
              f"other layers unchanged; hidden size {hidden}/{shape.hidden} "
@@ -247,8 +252,8 @@ def _sharded(student, teacher, recipe, est) -> str:
         return ""
     for n in range(2, 9):
         if estimate_recovery_memory(student, teacher, recipe, optimizer_shards=n).fits():
-            return f" (fits with gradients + Adam states sharded over {n} GPUs, ZeRO-2/FSDP)"
-    return " (not even with gradients + Adam states sharded over 8 GPUs)"
+            return f" (fits with gradients, Adam states and fp32 masters sharded over {n} GPUs, ZeRO-2/FSDP)"
+    return " (not even with gradients, Adam states and fp32 masters sharded over 8 GPUs)"
 
 
 # --- formatting ----------------------------------------------------------------------------------

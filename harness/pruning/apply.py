@@ -49,11 +49,15 @@ def _prune_layers(model, importance: Importance, method, ratio: float, shape, se
 
 
 def _prune_width(model, importance: Importance, method, ratio: float, shape, settings) -> tuple[nn.Module, dict]:
+    shape = lm_shape(model, settings.attn_unit)
     attn = parse_layers(settings.attn_layers, shape.num_layers, "attn_layers")
     mlp = parse_layers(settings.mlp_layers, shape.num_layers, "mlp_layers")
     counts = plan_width(shape, ratio, attn, mlp, settings.per_layer_ratio, settings.round_to, settings.prune_hidden)
     adapter = LMAdapter(model)
     (q, k, _), _ = adapter.attn_linears(adapter.layers[0])
+    if settings.attn_unit == "query" and "heads" not in importance.scores:
+        raise HarnessError("these importance scores have no per-query-head scores (computed by an older version); "
+                           "recompute them")
     kept = method.select(importance, counts, q.out_features // k.out_features)
     kept_hidden = kept_projector = None
     if settings.prune_hidden:
@@ -75,6 +79,7 @@ def _check_scores(importance: Importance, model: nn.Module, shape) -> None:
     """Scores must describe this model's shape (a cheap guard against mixing up models)."""
     expected = {"layer": (shape.num_layers,), "block_distance": (shape.num_layers, shape.num_layers),
                 "attn": (shape.num_layers, shape.groups[0]), "mlp": (shape.num_layers, shape.channels[0]),
+                "heads": (shape.num_layers, LMAdapter(model).num_heads),
                 "hidden": (shape.hidden,)}
     if "projector" in importance.scores:
         expected["projector"] = (projector_linears(LMAdapter(model))[1].in_features,)
@@ -87,10 +92,17 @@ def _check_scores(importance: Importance, model: nn.Module, shape) -> None:
 def describe(before: nn.Module, after: nn.Module, importance: Importance, ratio: float, context: int) -> dict:
     """Sizes, MACs and provenance of one pruning run (the core of `pruning.json`)."""
     lm_before, lm_after = LMAdapter(before).lm_parameters(), LMAdapter(after).lm_parameters()
+    layers_before, layers_after = (sum(p.numel() for p in LMAdapter(m).layers.parameters()) for m in (before, after))
     return {
         "method": importance.method,
         "ratio_requested": ratio,
+        # `ratio` is the share of language-model parameters (embeddings and LM head included), as the
+        # paper's tables count it; the share of decoder-layer parameters is recorded beside it, since
+        # the embedding is 2 % of LLaVA-7B's LM but 21 % of SmolLM2-135M's.
         "ratio_achieved": round(1 - lm_after / lm_before, 6),
+        "ratio_achieved_decoder_layers": round(1 - layers_after / layers_before, 6),
+        "decoder_layer_params_before": layers_before,
+        "decoder_layer_params_after": layers_after,
         "lm_params_before": lm_before,
         "lm_params_after": lm_after,
         "total_params_before": count_params(before),

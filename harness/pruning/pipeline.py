@@ -117,6 +117,7 @@ def _check_plan(model, method: str, ratios: Sequence[float], settings: PruneSett
         for ratio in ratios:
             plan_layers(shape, ratio)
         return settings
+    shape = lm_shape(model, settings.attn_unit)
     attn = list(parse_layers(settings.attn_layers, shape.num_layers, "attn_layers"))
     mlp = list(parse_layers(settings.mlp_layers, shape.num_layers, "mlp_layers"))
     for ratio in ratios:

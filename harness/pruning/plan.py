@@ -47,12 +47,13 @@ class LMShape:
     num_layers: int
     lm_params: int
     layer_params: tuple[int, ...]
-    groups: tuple[int, ...]  # KV groups per layer
+    groups: tuple[int, ...]  # attention units per layer: KV groups, or query heads per KV group
     channels: tuple[int, ...]  # MLP intermediate channels per layer
-    group: UnitCost  # one group: q/k/v rows (and biases), o columns
+    group: UnitCost  # one attention unit: its q/k/v rows (and biases), o columns
     channel: UnitCost  # one MLP channel: gate/up rows (and biases), down column
     hidden: int  # hidden width
     hidden_params: float  # LM parameters per hidden channel outside the units
+    attn_unit: str = "group"  # what one attention unit is (`lm_shape`)
 
     def params(self, groups: int, channels: int, hidden: int) -> float:
         """LM parameters with `groups` KV groups and `channels` MLP channels in all (summed over layers)."""
@@ -73,15 +74,38 @@ class WidthCounts:
     mlp_layers: tuple[int, ...]
     ratio: float  # predicted share of LM parameters removed
     hidden_removed: int = 0
+    attn_unit: str = "group"  # what `groups_removed` counts (`lm_shape`)
 
 
-def lm_shape(model: nn.Module) -> LMShape:
+ATTN_UNITS = ("group", "query")
+
+
+def lm_shape(model: nn.Module, attn_unit: str = "group") -> LMShape:
+    """The model's shape for planning; `attn_unit` says what one attention unit is.
+
+    "group": a KV head with its query heads (removing one keeps every remaining group whole).
+    "query": one query head in every KV group (Minitron-style: the KV heads all stay, each keeps
+    the same number of query heads, so the head count stays a multiple of the KV heads).
+    """
     adapter = LMAdapter(model)
     layers = list(adapter.layers)
-    groups = tuple(adapter.attn_linears(layer)[0][1].out_features // adapter.head_dim for layer in layers)
-    channels = tuple(adapter.mlp_linears(layer)[1].in_features for layer in layers)
     first = layers[0]
-    group = _unit_cost(*adapter.attn_linears(first), groups[0])
+    kv = tuple(adapter.attn_linears(layer)[0][1].out_features // adapter.head_dim for layer in layers)
+    if attn_unit == "group":
+        groups = kv
+        group = _unit_cost(*adapter.attn_linears(first), groups[0])
+    elif attn_unit == "query":
+        (q, _, _), o = adapter.attn_linears(first)
+        groups = tuple(adapter.attn_linears(layer)[0][0].out_features // adapter.head_dim // k
+                       for layer, k in zip(layers, kv, strict=True))
+        if groups[0] < 2:
+            raise HarnessError("attn_unit query removes query heads inside KV groups: this model has one query "
+                               "head per KV head (no grouped-query attention); use attn_unit group")
+        per_unit = kv[0] * adapter.head_dim  # one query head in each KV group: its q rows and o columns
+        group = UnitCost(per_hidden=2 * per_unit, fixed=per_unit if q.bias is not None else 0)
+    else:
+        raise HarnessError(f"attn_unit must be one of {', '.join(ATTN_UNITS)}, got {attn_unit!r}")
+    channels = tuple(adapter.mlp_linears(layer)[1].in_features for layer in layers)
     channel = _unit_cost(*adapter.mlp_linears(first), channels[0])
     hidden = adapter.decoder.get_input_embeddings().embedding_dim
     lm_params = adapter.lm_parameters()
@@ -96,6 +120,7 @@ def lm_shape(model: nn.Module) -> LMShape:
         channel=channel,
         hidden=hidden,
         hidden_params=(lm_params - in_units) / hidden,
+        attn_unit=attn_unit,
     )
 
 
@@ -190,7 +215,7 @@ def plan_width(shape: LMShape, ratio: float, attn_layers: tuple[int, ...], mlp_l
                                for n, cost in ((n_attn, shape.group), (n_mlp, shape.channel)))
         raise HarnessError(f"the closest achievable ratio is {predicted:.4f}, more than {TOLERANCE} from {ratio}: "
                            f"one head group removes {attn_unit:.4f} and one channel {mlp_unit:.5f} of LM parameters")
-    return WidthCounts(g, c, attn_layers if g else (), mlp_layers if c else (), predicted, h)
+    return WidthCounts(g, c, attn_layers if g else (), mlp_layers if c else (), predicted, h, shape.attn_unit)
 
 
 def _removed_share(shape: LMShape, groups_removed: int, channels_removed: int, hidden_removed: int) -> float:

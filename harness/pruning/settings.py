@@ -37,6 +37,8 @@ class PruneSettings:
                                           "ranges")
     attn_layers: str | list[int] | None = _width(None, "attention layers to prune, START:END (end exclusive)")
     mlp_layers: str | list[int] | None = _width(None, "MLP layers to prune, START:END (end exclusive)")
+    attn_unit: str = _width("group", "attention unit removed: group (a KV head with its query heads) or query "
+                                     "(one query head in every KV group; grouped-query attention only)")
     round_to: int = _width(1, "keep MLP widths (and with --prune-hidden the hidden width) multiples of N",
                            positive=True)
     prune_hidden: bool = _width(False, "width methods: also prune the hidden size (embeddings, norms, every "
@@ -45,6 +47,10 @@ class PruneSettings:
                            flag=False)
 
     def validate(self) -> PruneSettings:
+        from harness.pruning.plan import ATTN_UNITS
+
+        if self.attn_unit not in ATTN_UNITS:
+            raise HarnessError(f"attn_unit must be one of {', '.join(ATTN_UNITS)}, got {self.attn_unit!r}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.metadata.get("positive") and value is not None and value < 1:

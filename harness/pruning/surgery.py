@@ -46,7 +46,8 @@ def slice_widths(model: nn.Module, kept: Sequence[dict], kept_hidden: Sequence[i
     """A new model keeping, per layer, the listed query heads, KV heads and MLP channels.
 
     `kept[i]` is `{"heads": [...], "kv_heads": [...], "mlp": [...]}` in the layer's current
-    indices; under GQA the query heads must be exactly those of the kept KV heads.
+    indices; under GQA every kept KV head keeps the same number of its own query heads (all of
+    them when whole groups go, fewer when query heads are pruned inside groups).
     `kept_hidden` keeps those hidden channels everywhere (`_hidden_cuts`); then
     `kept_projector` lists as many of the projector's inner channels to keep.
     """
@@ -77,11 +78,12 @@ def _channels(kept: Sequence[int] | None, width: int, what: str) -> list[int]:
 def _check_keep(adapter: LMAdapter, layer: nn.Module, keep: dict, index: int) -> None:
     (q, k, _), _ = adapter.attn_linears(layer)
     per_group = q.out_features // k.out_features
-    expected = [g * per_group + j for g in keep["kv_heads"] for j in range(per_group)]
-    if not keep["kv_heads"] or not keep["mlp"]:
+    if not keep["kv_heads"] or not keep["mlp"] or not keep["heads"]:
         raise HarnessError(f"layer {index} would lose every attention head or every MLP channel")
-    if sorted(keep["heads"]) != sorted(expected):
-        raise HarnessError(f"layer {index}: kept query heads must be exactly those of the kept KV heads")
+    by_group = {g: [h for h in keep["heads"] if h // per_group == g] for g in keep["kv_heads"]}
+    if sum(map(len, by_group.values())) != len(set(keep["heads"])) or len({len(v) for v in by_group.values()}) != 1:
+        raise HarnessError(f"layer {index}: every kept KV head must keep the same number of its own query heads "
+                           "(and no query head of a removed KV head may stay)")
 
 
 def _rebuild(model: nn.Module, kept_layers: list[int], kept: list[dict] | None,

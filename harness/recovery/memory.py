@@ -1,13 +1,14 @@
 """Peak GPU memory of one recovery step, from the student's and teacher's configs alone.
 
 Recovery (`estimate_recovery_memory`):
-- weights: every student parameter in bf16 (2 bytes).
-- trainable state: fp32 gradient + two fp32 Adam moments = 12 bytes per trainable bf16
+- weights, under mixed precision (`auto` and `bf16-mixed`, as LLaVA and Bunny train): frozen
+  parameters in bf16 (2 bytes), trainable ones as fp32 master weights (4 bytes) plus the bf16
+  copy autocast makes of each for the forward pass (2 bytes). Under `bf16-true` every
+  parameter is bf16 (2 bytes) and the optimizer updates bf16 weights directly (at lr 2e-5
+  most updates are below bf16's resolution: not the paper's setting).
+- trainable state: fp32 gradient + two fp32 Adam moments = 12 bytes per trainable
   parameter (projector always; LM decoder and LM head for `full`); LoRA parameters are counted
-  in fp32 with fp32 gradient and moments = 16 bytes each, r * (in + out) per adapted linear
-  (peft's `get_peft_model` upcasts adapters to fp32; `inject_adapter_in_model`, which
-  recovery uses, gives them the base weights' dtype, so with bf16 weights this is an upper
-  bound). No fp32 master copy of bf16 weights is counted (a "bf16-true" optimizer).
+  in fp32 with fp32 gradient and moments = 16 bytes each, r * (in + out) per adapted linear.
 - activations, gradient checkpointing per decoder layer: each layer keeps its bf16 input,
   L * B * T * H * 2; the layer being recomputed in backward holds its full activations and
   their gradients, 2 * B * T * a_layer, where per token a_layer =
@@ -26,8 +27,8 @@ Recovery (`estimate_recovery_memory`):
   (B * T * H * 2 each); the MSE adds fp32 differences (12 bytes per B * T * H per pair).
 - vision forward (frozen, no grad): transient, B * N_img * (8 H_vision + 4 I_vision).
 - overhead: CUDA context (1 GB) + 5 % of everything else for allocator fragmentation.
-- `optimizer_shards=N` divides gradients and optimizer states by N (ZeRO-2 / FSDP-style
-  sharding over N GPUs): the per-GPU peak when one GPU is not enough.
+- `optimizer_shards=N` divides gradients, optimizer states and fp32 master weights by N (ZeRO-2 /
+  FSDP-style sharding over N GPUs): the per-GPU peak when one GPU is not enough.
 
 "GB" is 10^9 bytes; the shared assumptions (bf16 weights, SDPA attention, frozen vision
 tower) are stated in `harness.models.memory`.
@@ -53,6 +54,11 @@ from harness.models.memory import (
     model_shape,
     vision_transient,
 )
+
+
+def gpu_precision(recipe) -> str:
+    """The precision a recipe trains in on a GPU (`auto` is bf16 mixed precision with fp32 masters)."""
+    return "bf16-mixed" if recipe.precision == "auto" else recipe.precision
 
 
 def lora_params(shape: ModelShape, r: int) -> int:
@@ -96,10 +102,16 @@ def estimate_recovery_memory(student_config, teacher_config, recipe, seq_len: in
     logits = tokens * s.vocab
     train = trainable_params(s, recipe)
     lora_r = recipe.lora_r if recipe.language_model == "lora" else 0
+    dense = sum(v for k, v in train.items() if k != "lora")
+    if gpu_precision(recipe) == "bf16-true":  # every weight in bf16, the optimizer steps them in bf16
+        weights = {"student weights (bf16)": BF16 * s.total_params}
+    else:  # mixed: frozen weights in bf16, trainable ones as fp32 masters, cast to bf16 by autocast
+        weights = {"student frozen weights (bf16)": BF16 * (s.total_params - dense),
+                   "trainable fp32 master weights": FP32 * dense / optimizer_shards,  # optimizer state (ZeRO)
+                   "autocast bf16 copies of trainable weights": BF16 * dense}
     parts = {
-        "student weights (bf16)": BF16 * s.total_params,
-        "trainable: grads + Adam (fp32)": ADAM_STATE * sum(v for k, v in train.items() if k != "lora")
-        / optimizer_shards,
+        **weights,
+        "trainable: grads + Adam (fp32)": ADAM_STATE * dense / optimizer_shards,
         "LoRA weights + grads + Adam (fp32)": (FP32 + ADAM_STATE / optimizer_shards) * train.get("lora", 0),
         "layer checkpoints (bf16)": len(s.layers) * tokens * BF16 * s.hidden,
         "recomputed layer + its gradients": 2 * tokens * max_layer(s, lambda la: layer_activation_bytes(s, la, lora_r)),

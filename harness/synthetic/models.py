@@ -144,3 +144,71 @@ def build_processor(spec: EmbeddedSpec, tokenizer):
         vision_feature_select_strategy=spec.feature_strategy, num_additional_image_tokens=extra,
         chat_template=CHAT_TEMPLATE,
     )
+
+
+# --- smol-llava: the embedded study on a real pretrained language model ------------------------------
+
+SMOL_LLAVA = EmbeddedSpec("smol-llava", "clip_vision_model", "llama", "default", vision=_VISION)
+SMOL_BASE_LM = "smollm2-135m-instruct"
+
+# SmolLM2's ChatML turns, with image items; no default system prompt (it would add ~20 tokens to
+# every sample for nothing the synthetic world asks).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}{{ '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>{{ '\n' }}{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{{ '\n' }}{% endif %}"
+)
+
+
+def build_smol_llava(seed: int = 0, layers: int | None = None, base_dir=None):
+    """smol-llava: a CLIP tower and 2-layer GELU projector (random, seeded) on SmolLM2-135M-Instruct.
+
+    A native `LlavaForConditionalGeneration` with SmolLM2's tokenizer (plus an `<image>` token,
+    whose embedding row starts as the mean of the others) and ChatML turns. The language model's
+    weights are the pretrained ones (`harness.models.base`), or with `layers` its first N decoder
+    layers (tests use a truncated copy). Returns (model, processor).
+    """
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+
+    from harness.models.base import base_lm_dir
+
+    base = base_dir or base_lm_dir(SMOL_BASE_LM)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.padding_side = "left"
+    tokenizer.chat_template = CHATML_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = "<|endoftext|>"
+    lm = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+    text = lm.config.to_dict()
+    if layers is not None:
+        lm.model.layers = lm.model.layers[:layers]
+        text["num_hidden_layers"] = layers
+    text.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    vision_cfg = AutoConfig.for_model(SMOL_LLAVA.vision_type, **SMOL_LLAVA.vision)
+    config = LlavaConfig(
+        vision_config=vision_cfg.to_dict(), text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), projector_hidden_act="gelu",
+        vision_feature_layer=-2, vision_feature_select_strategy=SMOL_LLAVA.feature_strategy,
+        image_seq_length=(world.IMAGE_SIZE // world.CELL) ** 2, tie_word_embeddings=text["tie_word_embeddings"],
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    embed = lm.get_input_embeddings().weight.detach()
+    state = {f"model.language_model.{k.removeprefix('model.')}": v for k, v in lm.state_dict().items()
+             if k.startswith("model.")}
+    state["model.language_model.embed_tokens.weight"] = torch.cat([embed, embed.mean(0, keepdim=True)])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(k.startswith("model.language_model.") for k in missing):
+        raise RuntimeError(f"smol-llava: language-model weights did not fit ({unexpected[:3]}, {missing[:3]})")
+    model.tie_weights()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    processor = build_processor(SMOL_LLAVA, tokenizer)
+    processor.chat_template = CHATML_TEMPLATE
+    return model, processor

