@@ -1,8 +1,12 @@
-"""The benchmark scripts' bookkeeping on a tiny model: MAC ratios, shapes, summaries, tables (no timing goals)."""
+"""The benchmark scripts' bookkeeping on a tiny model: MAC ratios, shapes, summaries, tables (no timing goals),
+figures with spreads and verdicts, and every benchmark run end to end in its quick mode."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +18,7 @@ from harness.models.flops import attention_score_macs, lm_linear_macs, lm_macs_f
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import _common  # noqa: E402
 import bench_inference as bi  # noqa: E402
 import run_all  # noqa: E402
 
@@ -80,20 +85,51 @@ def test_runners_shapes_and_repeatable_decode(tiny_variants):
 
 def test_summary_and_headline_bookkeeping(tiny, tiny_variants):
     base, layer = tiny_variants[0], tiny_variants[1]
-    times = {"cpu": {"base": [2.0, 2.2], "layer 30%": [1.5, 1.0], "base [linears]": [1.5, 1.6],
-                     "layer 30% [linears]": [0.75, 0.8]},
-             "wall": {"base": [3.0, 2.5], "layer 30%": [2.0, 1.25]}}
+    times = {"cpu": {"base": [2.0, 2.2, 2.0], "layer 30%": [1.5, 1.0, 1.0], "base [linears]": [1.5, 1.6, 1.5],
+                     "layer 30% [linears]": [0.75, 0.8, 0.75]},
+             "wall": {"base": [3.0, 2.5, 3.0], "layer 30%": [2.0, 1.25, 1.5]}}
     row = bi.summarise(base, layer, times, "decode", 1, 6, 3)
     ideal = bi.ideal_speedup(tiny, layer.model, "decode", 6, 3)
+    # per-round (paired) speedups 2/1.5, 2.2/1.0, 2/1.0: the median is 2.0, the interval min..max
+    assert row["cpu"]["round_speedups"] == pytest.approx([2.0 / 1.5, 2.2, 2.0])
     assert row["cpu"]["achieved_speedup"] == pytest.approx(2.0) and row["wall"]["achieved_speedup"] == pytest.approx(2.0)
     assert row["efficiency"] == pytest.approx(2.0 / ideal)
-    assert row["cpu"]["paired_median_speedup"] == pytest.approx((2.0 / 1.5 + 2.2) / 2)
-    d = row["decomposition"]
+    assert row["cpu"]["efficiency_lo"] == pytest.approx(2.0 / 1.5 / ideal)
+    assert row["cpu"]["efficiency_hi"] == pytest.approx(2.2 / ideal)
+    assert row["cpu"]["fastest_round_speedup"] == pytest.approx(2.0)
+    d = row["decomposition"]  # medians: total 2.0 / 1.0, linears 1.5 / 0.75
     assert d["base_rest_ms"] == pytest.approx(500) and d["pruned_rest_ms"] == pytest.approx(250)
     assert d["rest_share_base"] == pytest.approx(0.25) and d["linear_speedup"] == pytest.approx(2.0)
-    worse = dict(row, efficiency=0.5, cpu=dict(row["cpu"], efficiency=0.5))
-    ratios, goals = bi.headline([row, worse], round_to=16)
-    assert ratios["layer_decode_b1_efficiency"] == 0.5 and goals["layer_decode_b1_efficiency"].startswith(">= 0.95")
+    figures = bi.headline([row], round_to=16)
+    f = figures["layer_30pct_decode_b1_efficiency"]
+    assert f["value"] == pytest.approx(2.0 / ideal, abs=1e-4) and f["n"] == 3 and f["goal"].startswith(">= 0.95")
+    assert f["verdict"] == "inconclusive"  # 3 rounds: too few for a verdict
+    assert "linear layers" in f["note"]  # the diagnostics' explanation rides along
+    unrounded = dict(row, tag="r1", variant="width 30% r1", kind="width")
+    g = bi.headline([unrounded], round_to=16)["width_30pct_r1_decode_b1_efficiency"]
+    assert g["verdict"] == "info" and g["goal"].startswith("information")
+
+
+def test_median_interval_is_the_order_statistic_confidence_interval():
+    one = _common.median_interval([3.0])
+    assert (one["value"], one["lo"], one["hi"], one["coverage"]) == (3.0, 3.0, 3.0, 0.0)
+    five = _common.median_interval([5, 1, 4, 2, 3])
+    assert (five["value"], five["lo"], five["hi"]) == (3, 1, 5) and five["coverage"] == pytest.approx(0.9375)
+    eight = _common.median_interval(range(8))  # [x(2), x(7)]: 1 - 2 * 9 / 256
+    assert (eight["lo"], eight["hi"]) == (1, 6) and eight["coverage"] == pytest.approx(0.9297, abs=1e-4)
+    eleven = _common.median_interval(range(11))
+    assert (eleven["lo"], eleven["hi"]) == (2, 8)
+
+
+def test_verdict_needs_the_whole_spread_on_one_side():
+    assert _common.figure([0.96, 0.97, 0.98, 0.99, 1.0], ">= 0.95 (x)")["verdict"] == "meets"
+    assert _common.figure([0.90, 0.91, 0.92, 0.93, 0.94], ">= 0.95")["verdict"] == "MISSES"
+    assert _common.figure([0.93, 0.96, 0.97, 0.98, 0.99], ">= 0.95")["verdict"] == "inconclusive"
+    assert _common.figure([1.1, 1.2, 1.2, 1.25, 1.29], "<= 1.3")["verdict"] == "meets"
+    assert _common.figure([1.0, 1.0, 1.0, 1.0], ">= 0.95")["verdict"] == "inconclusive"  # n = 4: coverage 0.875
+    assert _common.figure([1.2], "<= 1.3", exact=True)["verdict"] == "meets"  # a count or bytes: no spread
+    assert _common.figure([1.0, 2.0], "information")["verdict"] == "info"
+    assert _common.paired_ratios([2.0, 3.0], [1.0, 2.0]) == [2.0, 1.5]
 
 
 def test_round_to_sweep_widths(tiny):
@@ -103,14 +139,64 @@ def test_round_to_sweep_widths(tiny):
     assert next(r for r in rows if r["round_to"] == 16)["mlp_width"] % 16 == 0
 
 
-def test_run_all_verdicts_and_table():
-    assert run_all.verdict(0.96, ">= 0.95 (x)") == "meets" and run_all.verdict(0.9, ">= 0.95") == "MISSES"
-    assert run_all.verdict(1.2, "<= 1.3") == "meets" and run_all.verdict(1.0, "information") == "info"
+def test_run_all_table_shows_value_spread_and_verdict():
     text, rows = run_all.table([
-        {"benchmark": "a", "status": "ok", "ratios": {"r": 1.0}, "goals": {"r": ">= 2"}},
+        {"benchmark": "a", "status": "ok", "figures": {
+            "r": _common.figure([1.0, 1.1, 1.2, 1.3, 1.4], ">= 2"),
+            "s": _common.figure([0.9, 1.0, 1.1, 1.2, 1.3], ">= 1", note="why"),
+            "t": _common.figure([0.5], "information", exact=True)}},
+        {"benchmark": "old", "status": "ok", "ratios": {"q": 1.0}, "goals": {"q": ">= 0.5"}},  # before figures
         {"benchmark": "b", "status": "skipped", "reason": "no decord", "ratios": {}},
     ])
-    assert [r["verdict"] for r in rows] == ["MISSES", "skipped"] and "no decord" in text
+    assert [r["verdict"] for r in rows] == ["MISSES", "inconclusive", "info", "inconclusive", "skipped"]
+    assert rows[0]["value"] == 1.2 and (rows[0]["lo"], rows[0]["hi"], rows[0]["n"]) == (1.0, 1.4, 5)
+    assert "1.000..1.400 (5)" in text and "exact" in text and "no decord" in text and "[1] a s: why" in text
+
+
+def test_every_bench_script_is_in_run_all():
+    assert {script for _, script, _ in run_all.BENCHMARKS} == {p.name for p in BENCH.glob("bench_*.py")}
+
+
+def test_run_all_runs_a_benchmark_as_a_subprocess(tmp_path):
+    """`make bench`'s path: the script in its own process, its JSON read back (grid_overhead needs no torch)."""
+    log = tmp_path / "runs.jsonl"
+    stages = [{"key": "a", "kind": "prune", "pid": 1, "seconds": 5.0, "time": "2026-01-01T00:00:05"},
+              {"key": "b", "kind": "eval", "pid": 1, "seconds": 4.0, "time": "2026-01-01T00:00:10"}]
+    log.write_text("".join(json.dumps(x) + "\n" for x in stages))
+    result = run_all.run_one("grid_overhead", "bench_grid_overhead.py", ["--log", str(log)], 120, tmp_path, tmp_path,
+                             quick=True)
+    assert result["status"] == "ok", result
+    f = result["figures"]["grid_between_stage_overhead"]
+    assert f["exact"] and f["verdict"] == "meets" and f["value"] == pytest.approx(0.1)
+    broken = run_all.run_one("grid_overhead", "bench_grid_overhead.py", ["--no-such-flag"], 120, tmp_path, tmp_path)
+    assert broken["status"] == "failed" and "exit 2" in broken["reason"]
+
+
+def test_every_benchmark_runs_in_quick_mode(tmp_path):
+    """`run_all.py --quick`: every benchmark script end to end at tiny sizes (about a minute), so a renamed
+    function or argument breaks this test rather than `make bench`. In process: torch is imported once."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--quick", "--in-process", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, cwd=BENCH.parent, timeout=900)
+    logs = "\n".join(p.read_text()[-3000:] for p in sorted((tmp_path / "logs").glob("*.log")))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["quick"] and set(summary["seconds"]) == {name for name, _, _ in run_all.BENCHMARKS}
+    by_status = {}
+    for name, _, _ in run_all.BENCHMARKS:
+        result = json.loads((tmp_path / f"{name}.json").read_text())
+        by_status[name] = result["status"]
+        if result["status"] == "ok":
+            assert result["figures"], name
+            for key, f in result["figures"].items():
+                assert {"value", "lo", "hi", "n", "coverage", "goal", "verdict"} <= set(f), (name, key)
+                assert f["lo"] <= f["value"] <= f["hi"], (name, key)
+                assert f["verdict"] in ("info", "inconclusive") or f["exact"], (name, key)  # quick: 1 repeat
+    allowed_skips = {"grid_overhead"}  # reads the log of a grid run, if there was one
+    if importlib.util.find_spec("decord") is None:
+        allowed_skips.add("eval_plugin")  # `make bench` installs the bench extra
+    assert {name for name, status in by_status.items() if status != "ok"} <= allowed_skips, by_status
+    assert "spread (n)" in proc.stdout and "inference_smol" in proc.stdout
 
 
 def test_eval_plugin_skips_cleanly(tmp_path, monkeypatch):

@@ -230,6 +230,7 @@ def test_paper_spec_loads_with_the_paper_settings(key):
         2e-5, 1.0, 0.03, 2.0, 2048)
     assert (recipe.lora_r, recipe.lora_alpha) == {"llava": (128, 256), "bunny": (64, 16)}[key]
     assert recipe.kl_reduction == "batch_sum" and (recipe.ce, recipe.kl, recipe.hidden) == (0.5, 0.5, 0.5)
+    assert recipe.kd_positions == "all" and recipe.precision == "auto"  # KL over the whole sequence; fp32 masters
     assert recipe.batch_size * recipe.accumulate == 128
     assert recipe.group_by_length  # LLaVA-1.5's group_by_modality_length (the embedded default is off)
     recoveries = {c.recovery for c in spec.cells()}

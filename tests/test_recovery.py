@@ -234,3 +234,70 @@ def test_student_trains_in_train_mode_and_teacher_stays_in_eval(saved_tiny_llava
     recipe = get_recipe("sft+kd-hidden", max_steps=1, batch_size=4)
     _fit(student, processor, tiny_world, recipe, teacher, callbacks=[Probe()])
     assert seen == {"student": True, "teacher": False}
+
+
+# --- training as the paper trains (issue #20: fp32 masters, KD positions, answer-only logits) ----------
+
+
+def test_answer_only_logits_give_the_full_logit_losses(tiny_llava, tiny_world):
+    """The LM head runs only where a loss reads it; CE and KL equal those of full logits at the same positions."""
+    model, processor = tiny_llava
+    teacher = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    dm = MixDataModule(tiny_world, processor, model.config, 1.0, 4, 0)
+    batch = next(iter(dm.train_dataloader()))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        full_s, full_t = model(**inputs).logits[:, :-1], teacher(**inputs).logits[:, :-1]
+        hf_loss = model(**batch).loss
+    answer = (batch["labels"][:, 1:] != -100).float()
+    valid = batch["attention_mask"][:, :-1].float()
+    for positions, mask in (("answer", answer), ("all", valid)):
+        module = RecoveryModule(model, get_recipe("sft+kd-logit", kd_positions=positions,
+                                                  language_model="frozen"), teacher)
+        with torch.no_grad():
+            losses = module.compute_losses(batch)
+        assert torch.allclose(losses["ce"], hf_loss, atol=1e-5)
+        expected = kl_loss(full_s, full_t, mask, 2.0, "forward", "token_mean")
+        assert torch.allclose(losses["kl"], expected, atol=1e-5), positions
+    assert valid.sum() > answer.sum()  # "all" really reads more positions
+    batch_sum = RecoveryModule(model, get_recipe("kd-logit", kd_positions="all", kl_reduction="batch_sum",
+                                                 language_model="frozen", projector="full"), teacher)
+    with torch.no_grad():
+        got = batch_sum.compute_losses(batch)["kl"]
+    assert torch.allclose(got, kl_loss(full_s, full_t, valid, 2.0, "forward", "batch_sum"), atol=1e-4)
+
+
+def test_mixed_precision_keeps_fp32_masters_of_what_trains(tiny_llava, tiny_world, monkeypatch):
+    """`auto` is bf16 mixed precision on GPUs; trainable weights are fp32 masters, frozen ones stay bf16."""
+    assert get_recipe("lora-sft").resolved_precision == "32-true"  # this CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert get_recipe("lora-sft").resolved_precision == "bf16-mixed"
+    monkeypatch.undo()
+    model, processor = tiny_llava
+    model = model.to(torch.bfloat16)
+    module = RecoveryModule(model, get_recipe("lora-sft", precision="bf16-mixed"))
+    trainable = {n: p for n, p in module.student.named_parameters() if p.requires_grad}
+    frozen = {n: p for n, p in module.student.named_parameters() if not p.requires_grad}
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    assert all(p.dtype == torch.bfloat16 for p in frozen.values())
+    # small steps survive in fp32 masters; in bf16 weights most of them round away
+    dm = MixDataModule(tiny_world, processor, module.student.config, 1.0, 4, 0)
+    batch = next(iter(dm.train_dataloader()))
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    changed = {}
+    for precision in ("bf16-mixed", "bf16-true"):
+        student = copy.deepcopy(tiny_llava[0]).to(torch.bfloat16)
+        m = RecoveryModule(student, get_recipe("proj-sft", precision=precision, lr=2e-5))
+        params = [p for p in m.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in params]
+        opt = torch.optim.AdamW(params, lr=2e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m.compute_losses(batch)["loss"]
+        loss.backward()
+        opt.step()
+        changed[precision] = sum(int((p.detach() != b).sum()) for p, b in zip(params, before)) / sum(
+            p.numel() for p in params)
+    assert changed["bf16-mixed"] > 0.9 and changed["bf16-true"] < changed["bf16-mixed"] / 2, changed

@@ -414,7 +414,7 @@ def test_unusable_online_wandb_falls_back_offline_and_keeps_every_metric(unusabl
     assert tracking.wandb_mode() == "offline"
     assert tracking.wandb_mode() == "offline"  # checked once per process
     assert capsys.readouterr().err.count("W&B online mode is unusable") == 1
-    monkeypatch.setattr(train, "ARTIFACTS", tmp_path / "artifacts")
+    monkeypatch.setenv("HARNESS_ARTIFACTS", str(tmp_path / "artifacts"))
     logger = train.make_logger("recover-x", {"recipe": {"lr": 1e-3}}, group="g")  # what a recovery logs through
     for step, loss in enumerate([2.5, 1.25, 0.625]):
         logger.log_metrics({"train/loss": loss}, step=step)

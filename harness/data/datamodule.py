@@ -43,29 +43,48 @@ class _Records(Dataset):
 
 
 class ResumableLoader(DataLoader):
-    """A shuffling DataLoader whose order depends only on (seed, epoch) and which can skip ahead."""
+    """A shuffling DataLoader whose order depends only on (seed, epoch) and which can skip ahead.
+
+    Its position is (epoch, batches of it consumed). An iteration deals from that position to
+    the end of the epoch, and handing out an epoch's last batch moves the position to the start
+    of the next epoch then, not when the iterator is exhausted: Lightning knows the length and
+    never asks past the last batch, so an epoch counted only on exhaustion never advanced (every
+    epoch repeated epoch 0's order, and a resumed run kept skipping the resumed epoch's consumed
+    batches in every later epoch).
+    """
 
     def __init__(self, dataset, batch_size, collate_fn, seed: int, num_workers: int = 0, rank: int = 0,
                  world_size: int = 1, lengths: list[int] | None = None):
-        self.seed, self.epoch, self.consumed, self._skip = seed, 0, 0, 0
+        self.seed, self.epoch, self.consumed = seed, 0, 0
+        self._start = (0, 0)  # the position the current iteration deals from (read by the sampler)
         self.rank, self.world_size = rank, world_size  # batch_size is per process
         self.lengths = lengths  # per-record lengths: group batches by length when given
+        # Its own generator: DataLoader draws every epoch's worker base seed from it (from the global
+        # RNG without one, even with no workers), seeded per epoch below like the sampler's order.
         super().__init__(dataset, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers,
-                         sampler=_EpochSampler(self), drop_last=False)
+                         sampler=_EpochSampler(self), drop_last=False, generator=torch.Generator())
 
     def __iter__(self):
-        self.consumed = self._skip
+        per_epoch = len(self)
+        if self.consumed >= per_epoch:  # a position saved after an epoch's last batch by an older version
+            self.epoch, self.consumed = self.epoch + 1, 0
+        self._start = (self.epoch, self.consumed)
+        self.generator.manual_seed(_epoch_seed(self.seed, self.epoch) + 1)
         for batch in super().__iter__():
             self.consumed += 1
+            if self.consumed >= per_epoch:
+                self.epoch, self.consumed = self.epoch + 1, 0
             yield batch
-        self._skip, self.consumed = 0, 0
-        self.epoch += 1
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self._skip = state["epoch"], state["consumed"]
+        self.epoch, self.consumed = state["epoch"], state["consumed"]
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1000003 + epoch
 
 
 class _EpochSampler(torch.utils.data.Sampler):
@@ -77,7 +96,8 @@ class _EpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         loader = self.loader
-        g = torch.Generator().manual_seed(loader.seed * 1000003 + loader.epoch)
+        epoch, skip = loader._start
+        g = torch.Generator().manual_seed(_epoch_seed(loader.seed, epoch))
         order = torch.randperm(len(loader.dataset), generator=g).tolist()
         n = loader.world_size
         if loader.lengths is not None:
@@ -91,7 +111,7 @@ class _EpochSampler(torch.utils.data.Sampler):
                 share = len(chunk) // n
                 mine += chunk[loader.rank * share:(loader.rank + 1) * share]
             order = mine
-        return iter(order[loader._skip * loader.batch_size:])
+        return iter(order[skip * loader.batch_size:])
 
 
 def _group_by_length(order: list[int], lengths: list[int], batch: int, g: torch.Generator) -> list[int]:

@@ -7,6 +7,8 @@ are weighted.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import time
 
 import pytorch_lightning as pl
@@ -14,12 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.data.instruct import IGNORE_INDEX
 from harness.models.adapter import LMAdapter
 from harness.recovery.recipes import Recipe
 
 
-def kl_loss(student_logits, teacher_logits, mask, temperature: float, direction: str, reduction: str, count=None):
-    """KL at temperature T, scaled by T^2, over the positions in `mask` (token_mean: divided by `count` if given)."""
+def kl_loss(student_logits, teacher_logits, mask, temperature: float, direction: str, reduction: str, count=None,
+            batch_size: int | None = None):
+    """KL at temperature T, scaled by T^2, over the positions in `mask` (token_mean: divided by `count` if given).
+
+    `batch_sum` divides the sum over positions and vocabulary by the batch size (the paper's code):
+    `batch_size`, or the logits' first dimension when they are [batch, positions, vocabulary].
+    """
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     if direction == "forward":  # KL(teacher || student)
@@ -28,7 +36,7 @@ def kl_loss(student_logits, teacher_logits, mask, temperature: float, direction:
         per_token = (s.exp() * (s - t)).sum(-1)
     per_token = per_token * mask
     if reduction == "batch_sum":
-        total = per_token.sum() / student_logits.shape[0]
+        total = per_token.sum() / (batch_size or student_logits.shape[0])
     else:
         total = per_token.sum() / (mask.sum().clamp(min=1) if count is None else count)
     return total * temperature**2
@@ -48,8 +56,30 @@ def resolve_hidden_pairs(pairs, removed_layers: list[int], n_teacher_layers: int
     return [(j + 1, i + 1) for j, i in enumerate(kept)] + [(-1, -1)]
 
 
+def derived_seed(*parts: int | str) -> int:
+    """A 64-bit seed for one purpose (`parts`: the recipe seed, then what the draws are for)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # torch.manual_seed takes < 2**63 on every backend
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int):
+    """Run the block on the global torch RNGs seeded with `seed`, and give the caller its own states back after.
+
+    For parameter initialisation (LoRA, projections) that must depend on the recipe's seed only: a
+    fresh process starts from a random default seed, and earlier work in one process has used up
+    random numbers, so the unseeded global state differs between two otherwise identical runs.
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def set_trainable(model: nn.Module, recipe: Recipe) -> nn.Module:
-    """Freeze everything, add LoRA with peft if asked, then open up what the recipe trains."""
+    """Freeze everything, add LoRA with peft if asked, then open up what the recipe trains.
+
+    The adapters' initial weights depend on `recipe.seed` only (not on the global RNG state)."""
     adapter = LMAdapter(model)
     model.requires_grad_(False)
     if recipe.language_model == "lora":  # peft freezes non-adapter weights, so it goes first
@@ -60,7 +90,8 @@ def set_trainable(model: nn.Module, recipe: Recipe) -> nn.Module:
             r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
             target_modules=rf".*language_model\.layers\.\d+\..*\.({names})$",
         )
-        inject_adapter_in_model(config, model)
+        with seeded_rng(derived_seed(recipe.seed, "lora")):
+            inject_adapter_in_model(config, model)
     elif recipe.language_model == "full":
         adapter.decoder.requires_grad_(True)
         adapter.lm_head.requires_grad_(True)
@@ -89,6 +120,10 @@ class RecoveryModule(pl.LightningModule):
         super().__init__()
         self.recipe = recipe
         self.student = set_trainable(student, recipe)
+        if recipe.resolved_precision.endswith("-mixed"):  # fp32 master weights for what trains; autocast computes
+            for param in self.student.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()
         if recipe.gradient_checkpointing:  # activations recomputed: the 7B fits one 80 GB GPU
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.total_steps = total_steps
@@ -103,9 +138,12 @@ class RecoveryModule(pl.LightningModule):
             self.pairs = resolve_hidden_pairs(recipe.hidden_pairs, removed_layers or [], n_t)
             hs, ht = student.config.text_config.hidden_size, teacher.config.text_config.hidden_size
             if recipe.hidden > 0 and hs != ht:  # a learned projection when widths differ
-                self.hidden_proj = nn.ModuleDict({str(k): nn.Linear(hs, ht, bias=False) for k in range(len(self.pairs))})
+                with seeded_rng(derived_seed(recipe.seed, "hidden_proj")):
+                    self.hidden_proj = nn.ModuleDict({str(k): nn.Linear(hs, ht, bias=False)
+                                                      for k in range(len(self.pairs))})
         self._t0 = None
         self._tokens = 0
+        self._rng_step, self._micro = None, 0
 
     def on_fit_start(self):
         # Loaded checkpoints come in eval mode and Lightning keeps module modes: the
@@ -114,11 +152,25 @@ class RecoveryModule(pl.LightningModule):
         if self.teacher is not None:
             self.teacher.to(self.device).eval()
 
+    def on_train_batch_start(self, batch, batch_idx):
+        """Seed the global torch RNGs (LoRA dropout) from (seed, step, micro-batch, process) before every batch.
+
+        The random numbers of a batch then depend on where it is in training, not on what ran before:
+        a run resumed from a checkpoint draws the same dropout masks as the uninterrupted run (Lightning
+        stores no RNG state; re-seeding once at the start would replay step 0's masks after a restart),
+        and nothing else drawing from the global RNG between steps (loaders, loggers) can shift them.
+        Checkpoints are written after optimizer steps, so the micro-batch count restarts at 0 on resume.
+        """
+        step = self.trainer.global_step
+        self._micro = self._micro + 1 if step == self._rng_step else 0
+        self._rng_step = step
+        torch.manual_seed(derived_seed(self.recipe.seed, "batch", step, self._micro, self.global_rank))
+
     def forward(self, batch):
         return self.student(**batch)
 
-    def _global_counts(self, batch) -> torch.Tensor | None:
-        """Under DDP: (label, attention) token counts summed over processes / world size; None on one process.
+    def _global_counts(self, batch, kl_positions) -> torch.Tensor | None:
+        """Under DDP: (answer, KL-position, attention) token counts summed over processes / world size; None on one.
 
         DDP averages the processes' gradients, so per-token means divided by these counts
         (not by the local ones) give the mean over every token of the global batch: N
@@ -127,29 +179,41 @@ class RecoveryModule(pl.LightningModule):
         trainer = self._trainer
         if trainer is None or trainer.world_size == 1:
             return None
-        local = torch.stack([(batch["labels"][:, 1:] != -100).sum(), batch["attention_mask"].sum()]).float()
+        local = torch.stack([(batch["labels"][:, 1:] != IGNORE_INDEX).sum(), kl_positions.sum(),
+                             batch["attention_mask"].sum()]).float()
         return trainer.strategy.reduce(local, reduce_op="sum").clamp(min=1) / trainer.world_size
 
     def compute_losses(self, batch) -> dict[str, torch.Tensor]:
+        """The recipe's weighted CE, KL and hidden-state MSE for one batch.
+
+        The LM head runs only where a loss reads its logits (answer tokens for CE; for KL the
+        recipe's `kd_positions`): over a 49k vocabulary that is most of a small model's step, and
+        the numbers are those of full logits restricted to the same positions.
+        """
         r = self.recipe
         need_hidden = r.hidden > 0
-        counts = self._global_counts(batch)
-        # HF's CE is sum / num_items_in_batch when given (else the local token mean).
-        extra = {"num_items_in_batch": counts[0]} if counts is not None and r.ce > 0 else {}
-        out = self.student(**batch, output_hidden_states=need_hidden, **extra)
+        use_kl = self.teacher is not None and r.kl > 0
+        answer = batch["labels"][:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
+        kl_positions = batch["attention_mask"][:, :-1].bool() if r.kd_positions == "all" else answer
+        positions = kl_positions if use_kl else answer
+        counts = self._global_counts(batch, kl_positions)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        out = self.student.model(**inputs, output_hidden_states=need_hidden)
+        logits = self.student.lm_head(out.last_hidden_state[:, :-1][positions])
         losses: dict[str, torch.Tensor] = {}
         if r.ce > 0:
-            losses["ce"] = out.loss
+            targets = batch["labels"][:, 1:][positions]
+            n = counts[0] if counts is not None else answer.sum().clamp(min=1)
+            losses["ce"] = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum") / n
         if self.teacher is not None and (r.kl > 0 or r.hidden > 0):
             with torch.no_grad():
                 self.teacher.eval()
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
-                t_out = self.teacher(**inputs, output_hidden_states=need_hidden)
-            if r.kl > 0:
-                mask = (batch["labels"][:, 1:] != -100).float()
-                losses["kl"] = kl_loss(out.logits[:, :-1], t_out.logits[:, :-1], mask,
+                t_out = self.teacher.model(**inputs, output_hidden_states=need_hidden)
+                t_logits = self.teacher.lm_head(t_out.last_hidden_state[:, :-1][positions]) if use_kl else None
+            if use_kl:
+                losses["kl"] = kl_loss(logits, t_logits, torch.ones(len(logits), device=logits.device),
                                        r.temperature, r.kl_direction, r.kl_reduction,
-                                       None if counts is None else counts[0])
+                                       None if counts is None else counts[1], batch_size=len(batch["labels"]))
             if r.hidden > 0:
                 mask = batch["attention_mask"].float()
                 terms = []
@@ -157,7 +221,7 @@ class RecoveryModule(pl.LightningModule):
                     sh = out.hidden_states[si]
                     if self.hidden_proj:
                         sh = self.hidden_proj[str(k)](sh)
-                    terms.append(hidden_mse(sh, t_out.hidden_states[ti], mask, None if counts is None else counts[1]))
+                    terms.append(hidden_mse(sh, t_out.hidden_states[ti], mask, None if counts is None else counts[2]))
                 losses["hidden"] = torch.stack(terms).mean()
         weights = {"ce": r.ce, "kl": r.kl, "hidden": r.hidden}
         losses["loss"] = sum(weights[k] * v for k, v in losses.items())

@@ -30,6 +30,10 @@ class Recipe:
     temperature: float = 2.0
     kl_direction: str = "forward"  # forward: KL(teacher || student); reverse: KL(student || teacher)
     kl_reduction: str = "token_mean"  # or "batch_sum": summed over positions and vocab / batch (paper's code)
+    # Where logit KD applies: "answer" tokens only (the embedded default: the synthetic world's prompts
+    # are templated, so only answers carry information), or "all" valid positions, as the paper's
+    # official code does (`get_kl_loss` with labels=None); the paper specs set "all".
+    kd_positions: str = "answer"
     # (student hidden index, teacher hidden index) pairs; default: the final (normed) hidden state.
     # "kept" maps every kept layer of a depth-pruned student to its original teacher layer.
     hidden_pairs: tuple | str = ((-1, -1),)
@@ -53,7 +57,9 @@ class Recipe:
     # varied conversations (the paper specs turn it on). Off by default: on the synthetic world's
     # one-question records a length-sorted batch holds one question family, which stalls learning.
     group_by_length: bool = False
-    # "auto": bf16-true on GPUs (weights and teacher in bf16), fp32 on CPU.
+    # "auto": bf16 mixed precision on GPUs (fp32 master weights for what trains, bf16 frozen weights and
+    # teacher, bf16 autocast compute: how LLaVA and Bunny train), fp32 on CPU. "bf16-true" steps bf16
+    # weights directly: at lr 2e-5 most updates are below bf16's resolution.
     precision: str = "auto"
     gradient_checkpointing: bool = False
     # Processes (Lightning `devices`) and `strategy`; batch_size is the global batch, split over them.
@@ -78,6 +84,8 @@ class Recipe:
             raise HarnessError(f"recipe {self.name}: kl_direction must be forward or reverse")
         if self.precision not in ("auto", "32-true", "bf16-true", "bf16-mixed", "16-mixed"):
             raise HarnessError(f"recipe {self.name}: precision must be auto, 32-true, bf16-true, bf16-mixed or 16-mixed")
+        if self.kd_positions not in ("answer", "all"):
+            raise HarnessError(f"recipe {self.name}: kd_positions must be answer or all, got {self.kd_positions!r}")
         if self.kl_reduction not in ("token_mean", "batch_sum"):
             raise HarnessError(f"recipe {self.name}: kl_reduction must be token_mean or batch_sum")
         if self.temperature <= 0 or self.lr <= 0 or self.batch_size < 1 or self.accumulate < 1:
@@ -96,7 +104,7 @@ class Recipe:
 
         if self.precision != "auto":
             return self.precision
-        return "bf16-true" if torch.cuda.is_available() else "32-true"
+        return "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
     def with_overrides(self, **overrides) -> Recipe:
         known = {f.name for f in dataclasses.fields(self)}
@@ -141,10 +149,10 @@ PRESETS: dict[str, Recipe] = {
 PAPER_SETTINGS = {
     "llava": dict(lr=2e-5, projector_lr=2e-5, epochs=1.0, warmup_ratio=0.03, weight_decay=0.0,
                   lora_r=128, lora_alpha=256, lora_dropout=0.05, temperature=2.0, max_length=2048,
-                  batch_size=16, kl_reduction="batch_sum", gradient_checkpointing=True),
+                  batch_size=16, kl_reduction="batch_sum", kd_positions="all", gradient_checkpointing=True),
     "bunny": dict(lr=2e-5, projector_lr=2e-5, epochs=1.0, warmup_ratio=0.03, weight_decay=0.0,
                   lora_r=64, lora_alpha=16, lora_dropout=0.05, temperature=2.0, max_length=2048,
-                  batch_size=16, kl_reduction="batch_sum", gradient_checkpointing=True),
+                  batch_size=16, kl_reduction="batch_sum", kd_positions="all", gradient_checkpointing=True),
 }
 
 

@@ -19,10 +19,9 @@ from pytorch_lightning.plugins import TorchCheckpointIO
 
 from harness.errors import HarnessError
 from harness.io import atomic_dir, write_json
+from harness.paths import artifacts_dir
 from harness.recovery.module import RecoveryModule, merge_lora
 from harness.recovery.recipes import Recipe, get_recipe
-
-ARTIFACTS = Path(os.environ.get("HARNESS_ARTIFACTS", "artifacts"))
 
 
 class NonFiniteLoss(HarnessError):
@@ -64,7 +63,7 @@ def make_logger(run_name: str, config: dict, group: str | None = None, job_type:
 
     from harness.tracking import wandb_mode
 
-    save_dir = ARTIFACTS / "wandb"
+    save_dir = artifacts_dir() / "wandb"
     save_dir.mkdir(parents=True, exist_ok=True)
     return WandbLogger(name=run_name, project=os.environ.get("WANDB_PROJECT", "mllm-compression"),
                        save_dir=str(save_dir), mode=wandb_mode(), group=group, job_type=job_type,
@@ -141,7 +140,8 @@ def recover(teacher: str, student_dir: str | Path, recipe_name: str, data: str |
     if recipe.needs_teacher and not pruning_file.exists():
         raise HarnessError(f"{student_dir} has no pruning.json: recipe {recipe.name} needs a student pruned from the teacher")
     pruning = json.loads(pruning_file.read_text()) if pruning_file.exists() else {}
-    dtype = torch.bfloat16 if recipe.resolved_precision == "bf16-true" else torch.float32
+    # bf16 weights load in bf16; under bf16-mixed the module turns the trainable ones into fp32 masters
+    dtype = torch.bfloat16 if recipe.resolved_precision in ("bf16-true", "bf16-mixed") else torch.float32
     student, processor = (student_model, None) if student_model is not None else load(student_dir, dtype=dtype)
     if processor is None:
         from transformers import AutoProcessor
