@@ -119,11 +119,16 @@ def _against_bar(u: Uncertainty, row, bar: float) -> tuple[str, str]:
 
 
 def family_pairs(cells: pd.DataFrame, tolerance: float = RATIO_TOLERANCE) -> tuple[list, list]:
-    """Layer and width configurations paired by nearest achieved ratio within ``tolerance``.
+    """Layer and width configurations paired by achieved ratio: (layer row, width row, width terms).
 
-    Per teacher, the best configuration of each family at each requested ratio is a
-    point; points are paired closest first, each used once. Returns the (layer row,
-    width row) pairs and the points left without a partner.
+    Per teacher, the best configuration of each family at each requested ratio is a point.
+    Points within ``tolerance`` of each other pair up, closest first, each used once. A layer
+    point left over is compared with the width curve interpolated linearly at its achieved
+    ratio, when width points lie on both sides of it: width pruning reaches any ratio, layer
+    pruning moves in whole layers (a 12-layer teacher's "0.30" removes 0.33), so interpolating
+    the continuous curve is fairer than leaving the point out. `width terms` is the weighted sum
+    of width configurations the comparison uses ({key: 1.0} for a real point). Returns the
+    pairs and the points left without a partner.
     """
     points = best_rows(cells[cells["family"].isin(["layer", "width"])], ["teacher", "family", "ratio"])
     pairs, unpaired = [], []
@@ -134,16 +139,36 @@ def family_pairs(cells: pd.DataFrame, tolerance: float = RATIO_TOLERANCE) -> tup
         used = set()
         for gap, i, j in gaps:
             if gap <= tolerance + 1e-9 and i not in used and j not in used:
-                pairs.append((layers.loc[i], widths.loc[j]))
+                pairs.append((layers.loc[i], widths.loc[j], {key(widths.loc[j]): 1.0}))
                 used |= {i, j}
-        unpaired += [row for i, row in rows.iterrows() if i not in used]
+        curve = sorted(((_achieved(w), w) for _, w in widths.iterrows()), key=lambda t: t[0])
+        for i, layer in layers.iterrows():
+            if i in used:
+                continue
+            r = _achieved(layer)
+            around = [(a, b) for a, b in zip(curve, curve[1:]) if a[0] <= r <= b[0]]
+            if not around:
+                continue
+            (r0, w0), (r1, w1) = around[0]
+            alpha = (r - r0) / (r1 - r0) if r1 > r0 else 0.0
+            width = w0.copy()
+            width[AVG] = (1 - alpha) * w0[AVG] + alpha * w1[AVG]
+            width["ratio_achieved"] = r
+            width["method"] = f"{w0['method']} interpolated between @{w0['ratio']:g} and @{w1['ratio']:g}"
+            width["seeds"] = min(w0["seeds"], w1["seeds"])
+            pairs.append((layer, width, {key(w0): 1 - alpha, key(w1): alpha}))
+            used.add(i)
+        unpaired += [row for i, row in rows.iterrows() if i not in used and row["family"] == "layer"]
+        unpaired += [row for i, row in rows.iterrows() if i not in used and row["family"] == "width"
+                     and not any(key(row) in terms for _, _, terms in pairs)]
     return pairs, unpaired
 
 
 def _unpaired_note(unpaired: list) -> str:
     if not unpaired:
         return ""
-    return (f" Unpaired (no other-family point within {RATIO_TOLERANCE:g} achieved ratio): "
+    return (f" Unpaired (no other-family point within {RATIO_TOLERANCE:g} achieved ratio, nor width points on "
+            f"both sides to interpolate): "
             + ", ".join(_where(row) for row in unpaired) + ".")
 
 
@@ -151,8 +176,8 @@ def width_beats_layer_zero_shot(summary: pd.DataFrame, u: Uncertainty) -> Verdic
     """Finding 1: without recovery, width keeps more AVG-% than layer at an equal achieved ratio."""
     pairs, unpaired = family_pairs(summary[summary["recovery"] == "none"])
     comparisons = []
-    for layer, width in pairs:
-        diff = u.contrast({key(width): 1.0, key(layer): -1.0})
+    for layer, width, terms in pairs:
+        diff = u.contrast({**terms, key(layer): -1.0})
         comparisons.append(Comparison(_outcome(diff.sign()),
                                       f"{_where(width)} {_fmt(width)} vs {_where(layer)} {_fmt(layer)}, "
                                       f"width - layer {diff.describe()}"))
@@ -253,13 +278,13 @@ def layer_low_width_high(summary: pd.DataFrame, u: Uncertainty) -> Verdict:
     (mean achieved ratio of the pair, with RATIO_TOLERANCE of slack)."""
     pairs, unpaired = family_pairs(summary[summary["recovery"] != "none"])
     bands = {"low": [], "high": []}
-    for layer, width in pairs:
+    for layer, width, terms in pairs:
         ratio = (_achieved(layer) + _achieved(width)) / 2
         band = "low" if ratio <= LOW_RATIO + RATIO_TOLERANCE else "high" if ratio >= HIGH_RATIO - RATIO_TOLERANCE else None
         if band is None:
             continue
         sign = 1.0 if band == "low" else -1.0  # the claimed winner first
-        diff = u.contrast({key(layer): sign, key(width): -sign})
+        diff = u.contrast({key(layer): sign, **{k: -sign * w for k, w in terms.items()}})
         winner = "layer - width" if band == "low" else "width - layer"
         bands[band].append(Comparison(_outcome(diff.sign()),
                                       f"{_where(layer)} {layer['recovery']} {_fmt(layer)} vs {_where(width)} "

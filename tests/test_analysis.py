@@ -243,7 +243,7 @@ def test_layer_and_width_pair_by_achieved_ratio(monkeypatch, tmp_path):
                 (WIDTH, 0.40, "none", 0.0): (0.40, 95)})
     summary = cell_summary(df)
     pairs, unpaired = family_pairs(summary)
-    assert [(ly["ratio_achieved"], w["ratio_achieved"]) for ly, w in pairs] == [(0.41, 0.40)]
+    assert [(ly["ratio_achieved"], w["ratio_achieved"]) for ly, w, _ in pairs] == [(0.41, 0.40)]
     assert [row["ratio"] for row in unpaired] == [0.45] and 0.04 > RATIO_TOLERANCE
     findings = check_findings(df)
     assert findings.loc[0, "verdict"] == "holds"  # width 95 at 0.40 vs layer 90 at 0.41
@@ -257,6 +257,22 @@ def test_layer_and_width_pair_by_achieved_ratio(monkeypatch, tmp_path):
     assert "achieved" in ax.get_xlabel()
     data = [line for line in ax.get_lines() if line.get_marker() == "o"]  # not the 100% line
     assert sorted(x for line in data for x in line.get_xdata()) == [0.40, 0.41, 0.45]
+
+
+def test_a_layer_point_between_width_points_meets_the_interpolated_width_curve():
+    """Layer pruning moves in whole layers (0.34 for a requested 0.30, beyond the pairing tolerance): compare
+    it with the width curve interpolated at 0.34 rather than leaving the point unpaired."""
+    df = _grid({(LAYER, 0.3, "none", 0.0): (0.34, 78), (WIDTH, 0.3, "none", 0.0): (0.30, 80),
+                (WIDTH, 0.45, "none", 0.0): (0.45, 60)})
+    pairs, unpaired = family_pairs(cell_summary(df))
+    (layer, width, terms), = pairs
+    alpha = (0.34 - 0.30) / 0.15
+    assert layer["ratio_achieved"] == 0.34 and width["ratio_achieved"] == 0.34
+    assert width[AVG] == pytest.approx(80 - alpha * 20) and sorted(terms.values()) == pytest.approx([alpha, 1 - alpha])
+    assert unpaired == []
+    findings = check_findings(df)
+    assert findings.loc[0, "verdict"] == "fails"  # width 74.7 (interpolated) < layer 78
+    assert "interpolated between @0.3 and @0.45" in findings.loc[0, "evidence"]
 
 
 # Journal version's published rows (project page of the authors' repository, docs/index.html:
