@@ -1,3 +1,3 @@
 """Structural pruning and recovery of multimodal LLMs: a reproducible research harness."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -53,9 +53,9 @@ def dry_run(spec) -> str:
     cells = spec.cells()
     out = [f"experiment {spec.name}: {len(cells)} cells; dry run on the meta device (no weights, data or hub read)",
            f"data: {spec.data}   tasks: {', '.join(spec.tasks)}   seeds: {', '.join(map(str, spec.seeds))}",
-           "memory: bf16 weights, fp32 grads + Adam for trainable parameters only, gradient checkpointing, "
-           "teacher in bf16 without gradients (formulas: harness/models/memory.py, harness/pruning/memory.py, "
-           "harness/recovery/memory.py); 80 GB = 80e9 bytes"]
+           "memory: bf16 mixed precision (frozen weights bf16; trainable ones as fp32 masters with fp32 grads "
+           "+ Adam), gradient checkpointing, teacher in bf16 without gradients (formulas: harness/models/memory.py, "
+           "harness/pruning/memory.py, harness/recovery/memory.py); 80 GB = 80e9 bytes"]
     problems: list[str] = []
     worst: list[tuple[float, str, bool]] = []
     for teacher in spec.teachers:
