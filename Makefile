@@ -12,7 +12,7 @@ export WANDB_MODE ?= offline
 export WANDB_SILENT := true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow reproduce data teachers figures lint bench wandb-sync clean
+.PHONY: install bench-install test test-slow reproduce data teachers figures lint bench wandb-sync clean
 
 install: $(VENV)/.installed
 
@@ -50,7 +50,15 @@ figures: install
 lint: install
 	$(VENV)/bin/ruff check harness analysis tests benchmarks
 
-bench: install
+# Benchmark-only extras (pyproject's `bench`: decord, which lmms-eval's llava_hf imports), on top of `make install`.
+bench-install: $(VENV)/.bench-installed
+
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
+	$(VENV)/bin/pip install -q -c constraints.txt -e ".[bench]"
+	touch $@
+
+# All benchmarks (roughly 25-30 min on 2 cores): results/bench/*.json, summary.json and the table.
+bench: bench-install
 	$(PY) benchmarks/run_all.py
 
 wandb-sync: install

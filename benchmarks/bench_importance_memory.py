@@ -24,7 +24,12 @@ estimate = `estimate_importance_memory(model, "width-taylor", batch, T, dtype, d
 calibration sample actually drawn. `harness prune` prints the same estimate at T =
 --max-length (512), an upper bound, before scoring; that line is recorded too.
 
-    .venv/bin/python benchmarks/bench_importance_memory.py [--json results/bench/importance_memory.json]
+Each setting is measured once: a peak of live memory is a count of bytes, not a timing, and
+repeats of it differ by at most a few pages, so its figures are `exact` (no spread) and
+information (no goal). `--quick`: the fp32 batch-1 setting only, on a 2-layer copy of the
+model, 2 calibration samples (a smoke run).
+
+    .venv/bin/python benchmarks/bench_importance_memory.py [--json results/bench/importance_memory.json] [--quick]
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402
+from _common import figure, write_result  # noqa: E402
 
 from harness.evaluation.efficiency import reset_cpu_peak  # noqa: E402
 
@@ -63,7 +68,8 @@ def _status_kb(field: str) -> int:
     raise KeyError(field)
 
 
-def child(dtype_name: str, batch_size: int, data: Path, samples: int, threads: int, live: bool = True) -> dict:
+def child(dtype_name: str, batch_size: int, data: Path, samples: int, threads: int, live: bool = True,
+          quick: bool = False) -> dict:
     """One measurement, in this (fresh) process."""
     import torch
 
@@ -76,7 +82,7 @@ def child(dtype_name: str, batch_size: int, data: Path, samples: int, threads: i
     gc.collect()
     runtime_kb = _status_kb("VmRSS")
     dtype = getattr(torch, dtype_name)
-    model, processor = build_base()
+    model, processor = build_base({"num_hidden_layers": 2} if quick else None)
     model.to(dtype)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     calib = calibration_set(data, samples, 42, batch_size, 512)
@@ -111,12 +117,12 @@ def child(dtype_name: str, batch_size: int, data: Path, samples: int, threads: i
     }
 
 
-def default_data(tmp: Path) -> Path:
+def default_data(tmp: Path, mix_size: int = 64) -> Path:
     if (DEFAULT_DATA / "mix.json").exists():
         return DEFAULT_DATA
     from harness.synthetic.make import WorldSpec, make_world
 
-    return make_world(tmp / "world", WorldSpec(mix_size=64, benchmark_size=4))
+    return make_world(tmp / "world", WorldSpec(mix_size=mix_size, benchmark_size=4))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -127,20 +133,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--child", nargs=3, metavar=("DTYPE", "BATCH", "LIVE"), help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="fp32 batch 1 only, 2-layer model, 2 samples: a smoke run")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.samples = 2
     if args.child:
-        out = child(args.child[0], int(args.child[1]), args.data, args.samples, args.threads, args.child[2] == "1")
+        out = child(args.child[0], int(args.child[1]), args.data, args.samples, args.threads, args.child[2] == "1",
+                    args.quick)
         args.child_out.write_text(json.dumps(out))
         return out
 
     runs = {}
     with tempfile.TemporaryDirectory(prefix="bench-mem-") as tmp:
         tmp = Path(tmp)
-        data = args.data or default_data(tmp)
+        data = args.data or default_data(tmp, 8 if args.quick else 64)
         for label, dtype, batch, live in SETTINGS:
+            if args.quick and label != "fp32 batch 1":
+                continue
             out = tmp / f"{dtype}-{batch}-{live}.json"
             cmd = [sys.executable, __file__, "--child", dtype, str(batch), str(int(live)), "--child-out", str(out),
-                   "--data", str(data), "--samples", str(args.samples), "--threads", str(args.threads)]
+                   "--data", str(data), "--samples", str(args.samples), "--threads", str(args.threads),
+                   *(["--quick"] if args.quick else [])]
             env = {**os.environ, **(LIVE_MEMORY_ENV if live else {})}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
@@ -152,15 +165,16 @@ def main(argv: list[str] | None = None) -> dict:
                   f"at T=512 the estimate is {r['estimate_at_max_length_bytes'] / 1e6:.0f} MB "
                   f"({r['measured_over_estimate_at_max_length']:.2f})")
             print(f"   harness prune prints: {r['printed_by_harness_prune']}")
-    ratios = {f"taylor_{label.replace(' ', '_')}_measured_over_estimate": round(r["measured_over_estimate"], 3)
-              for label, r in runs.items() if r["live_memory_mode"]}
-    goals = {k: "information: 1 = the estimate is exact, > 1 it under-estimates, < 1 it over-estimates"
-             for k in ratios}
+    goal = "information: 1 = the estimate is exact, > 1 it under-estimates, < 1 it over-estimates"
+    figures = {f"taylor_{label.replace(' ', '_')}_measured_over_estimate":
+               figure([r["measured_over_estimate"]], goal, exact=True, digits=3)
+               for label, r in runs.items() if r["live_memory_mode"]}
     naive = [r for r in runs.values() if not r["live_memory_mode"]]
     if naive:
-        ratios["taylor_fp32_batch_1_naive_process_rss_over_estimate"] = round(naive[0]["measured_over_estimate"], 3)
-        goals["taylor_fp32_batch_1_naive_process_rss_over_estimate"] = "information only (includes runtime memory)"
-    return write_result(args.json, "importance_memory", ratios, goals, {"runs": runs, "model": "bench_inference MID_SIZE"})
+        figures["taylor_fp32_batch_1_naive_process_rss_over_estimate"] = figure(
+            [naive[0]["measured_over_estimate"]], "information only (includes runtime memory)", exact=True, digits=3)
+    return write_result(args.json, "importance_memory", figures,
+                        details={"runs": runs, "model": "bench_inference MID_SIZE" + (", 2 layers" if args.quick else "")})
 
 
 if __name__ == "__main__":

@@ -10,11 +10,14 @@ of pruning it to one ratio (load, calibration selection, scoring, surgery, savin
 - one call: `harness.pruning.prune` with a list of ratios (`harness prune --ratio R1 ... R5 --out
   DIR-{ratio}`), which loads, hashes and scores once, then slices and saves each ratio.
 Every call saves its checkpoints: saving is part of pruning and is timed. The goal is
-total <= 1.3x one ratio. Timings on a shared machine are noisy, so each measurement is
-repeated and the ratio of the medians is reported, with the time of each component (model
-loading, fingerprint, calibration selection, scoring or score loading, surgery, saving).
+total <= 1.3x one ratio. Timings on a shared machine are noisy, so each repeat times the
+one-ratio call and the five-ratio runs side by side (A B A B over repeats) and forms its ratio;
+the figure is the median of the per-repeat ratios with its spread (`_common.figure`), next to
+the median time of each component (model loading, fingerprint, calibration selection, scoring
+or score loading, surgery, saving). `--quick`: one repeat, no warm-up, 4 calibration samples.
 
-    .venv/bin/python benchmarks/bench_prune_reuse.py [--model tiny-llava] [--method layer-bi width-taylor] [--json PATH]
+    .venv/bin/python benchmarks/bench_prune_reuse.py [--model tiny-llava] [--method layer-bi width-taylor]
+        [--repeats 5] [--json PATH] [--quick]
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_result  # noqa: E402  (sets the offline environment before transformers is imported)
+from _common import figure, write_result  # noqa: E402  (sets the offline environment before transformers is imported)
 
 from harness.pruning import METHODS, prune  # noqa: E402
 from harness.synthetic.make import WorldSpec, make_world  # noqa: E402
@@ -71,12 +74,12 @@ class Clock:
         return {"total": total, **parts, "other": total - sum(parts.values())}
 
 
-def one_repeat(clock: Clock, checkpoint: Path, data: Path, method: str, work: Path) -> dict:
+def one_repeat(clock: Clock, checkpoint: Path, data: Path, method: str, work: Path, **overrides) -> dict:
     """Separate calls (the first of which is the one-ratio time) and one call, each from empty importance folders."""
     separate = [clock.call(prune, str(checkpoint), method, ratio, work / "separate" / f"out-{ratio}", data=data,
-                           importance_dir=work / "separate" / "importance") for ratio in RATIOS]
+                           importance_dir=work / "separate" / "importance", **overrides) for ratio in RATIOS]
     together = clock.call(prune, str(checkpoint), method, list(RATIOS), work / "one-call" / "out-{ratio}", data=data,
-                          importance_dir=work / "one-call" / "importance")
+                          importance_dir=work / "one-call" / "importance", **overrides)
     one = separate[0]["total"]
     return {"separate": separate, "one_call": together,
             "separate_over_one": sum(c["total"] for c in separate) / one, "one_call_over_one": together["total"] / one}
@@ -92,9 +95,10 @@ def line(parts: dict[str, float]) -> str:
 
 
 def bench_method(checkpoint: Path, data: Path, method: str, root: Path, repeats: int, clock: Clock,
-                 params: int) -> dict:
-    one_repeat(clock, checkpoint, data, method, root / f"{method}-warmup")  # imports, dataset cache, first-call costs
-    runs = [one_repeat(clock, checkpoint, data, method, root / f"{method}-run{k}") for k in range(repeats)]
+                 params: int, warmup: bool = True, **overrides) -> dict:
+    if warmup:  # imports, dataset cache, first-call costs
+        one_repeat(clock, checkpoint, data, method, root / f"{method}-warmup", **overrides)
+    runs = [one_repeat(clock, checkpoint, data, method, root / f"{method}-run{k}", **overrides) for k in range(repeats)]
     for k, run in enumerate(runs):
         times = [c["total"] for c in run["separate"]]
         print(f"{method} run {k}: one ratio {times[0]:.3f}s; separate calls: reuse "
@@ -103,9 +107,11 @@ def bench_method(checkpoint: Path, data: Path, method: str, root: Path, repeats:
     first = median_parts([r["separate"][0] for r in runs])
     reuse = median_parts([c for r in runs for c in r["separate"][1:]])
     together = median_parts([r["one_call"] for r in runs])
-    # Ratios of medians: one slow one-ratio run (a busy machine) must not decide a repeat's ratio.
-    separate_ratio = statistics.median(sum(c["total"] for c in r["separate"]) for r in runs) / first["total"]
-    one_call_ratio = together["total"] / first["total"]
+    # Median of the per-repeat (paired) ratios, with its spread.
+    separate_fig = figure([r["separate_over_one"] for r in runs], f"<= {GOAL} (5 prune calls, each loads the model)")
+    one_call_fig = figure([r["one_call_over_one"] for r in runs], f"<= {GOAL} (prune with several ratios: load and "
+                          "score once)")
+    separate_ratio, one_call_ratio = separate_fig["value"], one_call_fig["value"]
     scoring = first["cached_importance"]
     # What one more ratio costs inside one call: surgery + save, measured in the one-call runs.
     per_ratio = (together["apply_pruning"] + together["save_pruned"]) / len(RATIOS)
@@ -116,9 +122,10 @@ def bench_method(checkpoint: Path, data: Path, method: str, root: Path, repeats:
     print(f"  {method}: separate calls {separate_ratio:.2f}x, one call {one_call_ratio:.2f}x (goal <= {GOAL}x); "
           f"scoring {scoring * 1000:.0f} ms, surgery + save {per_ratio * 1000:.0f} ms per ratio")
     note = ""
+    samples = overrides.get("calib_samples") or METHODS[method].calib_samples
     if one_call_ratio > GOAL:
         note = (f"misses {GOAL}x even in one call, with the fixed costs cut: on this {params / 1e6:.1f}M-parameter "
-                f"model, scoring {METHODS[method].calib_samples} calibration samples ({scoring * 1000:.0f} ms) costs "
+                f"model, scoring {samples} calibration samples ({scoring * 1000:.0f} ms) costs "
                 f"only {scoring / per_ratio:.0f}x what each ratio must spend on surgery + writing its checkpoint "
                 f"({per_ratio * 1000:.0f} ms, which no score reuse removes), so one call is at best "
                 f"1 + {len(RATIOS) - 1} x {per_ratio * 1000:.0f} / {first['total'] * 1000:.0f} = {bound:.2f}x")
@@ -126,8 +133,9 @@ def bench_method(checkpoint: Path, data: Path, method: str, root: Path, repeats:
     if separate_ratio > GOAL:
         print(f"  separate calls pay model loading ({reuse['_load'] * 1000:.0f} ms) on every ratio: use one call "
               f"(`harness prune --ratio R1 R2 ... --out DIR-{{ratio}}`)")
-    return {"separate_over_one": round(separate_ratio, 4), "one_call_over_one": round(one_call_ratio, 4),
-            "details": {"calib_samples": METHODS[method].calib_samples,
+    one_call_fig["note"] = note
+    return {"separate_over_one": separate_fig, "one_call_over_one": one_call_fig,
+            "details": {"calib_samples": samples,
                         "median_seconds": {"one_ratio": first, "separate_reusing_call": reuse,
                                            "one_call_five_ratios": together},
                         "scoring_s": scoring, "surgery_plus_save_per_ratio_s": per_ratio,
@@ -145,7 +153,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", type=Path, default=Path("artifacts/data/synth"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None, help="write the result here")
+    parser.add_argument("--quick", action="store_true", help="1 repeat, no warm-up, 4 calibration samples: a smoke run")
     args = parser.parse_args(argv)
+    repeats = 1 if args.quick else args.repeats
+    overrides = {"calib_samples": 4} if args.quick else {}
     clock = Clock()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,20 +164,19 @@ def main(argv: list[str] | None = None) -> dict:
         model, processor = build_embedded(args.model)
         model.save_pretrained(root / "model")
         processor.save_pretrained(root / "model")
-        data = args.data if (args.data / "mix.json").exists() else make_world(root / "world", WorldSpec(mix_size=200))
+        data = args.data if (args.data / "mix.json").exists() else make_world(
+            root / "world", WorldSpec(mix_size=16, benchmark_size=2) if args.quick else WorldSpec(mix_size=200))
         for method in args.method:
-            results[method] = bench_method(root / "model", data, method, root, args.repeats, clock,
-                                           model.num_parameters())
-    ratios, goals = {}, {}
+            results[method] = bench_method(root / "model", data, method, root, repeats, clock,
+                                           model.num_parameters(), warmup=not args.quick, **overrides)
+    figures = {}
     for method, r in results.items():
         key = method.replace("-", "_")
-        ratios[f"{key}_one_call_five_over_one"] = r["one_call_over_one"]
-        goals[f"{key}_one_call_five_over_one"] = f"<= {GOAL} (prune with several ratios: load and score once)"
-        ratios[f"{key}_separate_calls_five_over_one"] = r["separate_over_one"]
-        goals[f"{key}_separate_calls_five_over_one"] = f"<= {GOAL} (5 prune calls, each loads the model)"
-    return write_result(args.json, "prune_reuse", ratios, goals,
-                        {"model": args.model, "parameters": model.num_parameters(), "ratios": list(RATIOS),
-                         "repeats": args.repeats,
+        figures[f"{key}_one_call_five_over_one"] = r["one_call_over_one"]
+        figures[f"{key}_separate_calls_five_over_one"] = r["separate_over_one"]
+    return write_result(args.json, "prune_reuse", figures,
+                        details={"model": args.model, "parameters": model.num_parameters(), "ratios": list(RATIOS),
+                         "repeats": repeats, "calibration_overrides": overrides,
                          "components": COMPONENTS, **{m: r["details"] for m, r in results.items()}})
 
 
