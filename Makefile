@@ -63,7 +63,7 @@ bench: bench-install
 
 wandb-sync: install
 	@ls -d artifacts/wandb/wandb/offline-run-* >/dev/null 2>&1 || { echo "no offline W&B runs"; exit 0; }
-	$(VENV)/bin/wandb sync --sync-all artifacts/wandb/wandb
+	cd artifacts/wandb && $(abspath $(VENV))/bin/wandb sync --sync-all  # (it syncs ./wandb, whatever path it is given)
 
 clean:
 	rm -rf artifacts/grid artifacts/wandb artifacts/importance

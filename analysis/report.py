@@ -6,6 +6,7 @@ Layout written next to the results (or in ``out_dir``)::
 """
 
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -18,7 +19,6 @@ from analysis.tables import AVG_DEFINITION, benchmarks, to_markdown, write_table
 from analysis.uncertainty import __doc__ as UNCERTAINTY_DOC
 
 REPORT_NAME = "report.md"
-WANDB_DIR = Path(__file__).resolve().parents[1] / "artifacts" / "wandb"
 FIGURE_CAPTIONS = {
     "zero_shot": "AVG-% vs achieved pruning ratio (share of LM parameters removed) without "
                  "recovery, per pruning method; labels give the requested ratio.",
@@ -113,32 +113,74 @@ def _table_text(table: pd.DataFrame, empty: str) -> str:
     return empty if table.empty else to_markdown(table)
 
 
-def log_to_wandb(results_dir, out_dir=None, wandb_dir=None) -> str:
-    """Log the report's tables and figures as a W&B artifact in the experiment's group.
+def analysis_run_id(experiment: str) -> str:
+    """The fixed W&B run id of an experiment's analysis run: rerunning replaces that run."""
+    return "analysis-" + re.sub(r"[^A-Za-z0-9_-]", "-", str(experiment))[:55]
 
-    The mode comes from WANDB_MODE (default 'offline', as runs have no network);
-    the report (in ``out_dir``, as for write_report) is written first if it does
-    not exist yet. Returns the artifact name.
+
+def log_to_wandb(results_dir, out_dir=None, wandb_dir=None) -> str:
+    """Log the experiment's analysis run (job type `analysis`) and the report as its artifact.
+
+    The run, in the experiment's W&B group, holds the cells (`cells`, one row per cell,
+    benchmark and metric as in cells.csv; `configurations`, one row per configuration with
+    its AVG-%), Tables A and B, every figure of the report as an image (`figures/NAME`) and the
+    findings (`findings`, and each verdict as `verdict/NAME` in the summary); its config
+    lists the grid's axes. Its id is fixed per experiment (`analysis_run_id`) and earlier
+    offline copies are removed, so rerunning replaces the run instead of adding one.
+    The mode comes from WANDB_MODE (default 'offline'); runs go to ``wandb_dir`` (default
+    ``$HARNESS_ARTIFACTS/wandb``, where the grid's stage runs are). The report (in
+    ``out_dir``, as for write_report) is written first if it does not exist yet. Returns the
+    artifact name.
     """
     import wandb  # imported lazily: slow, and only needed when logging
+
+    from analysis.tables import cell_summary, table_a, table_b
+    from harness.paths import artifacts_dir
+    from harness.tracking import model_name, portable, remove_earlier_offline_runs, start_run
 
     experiment = experiment_dir(results_dir).name
     out = Path(out_dir) if out_dir is not None else experiment_dir(results_dir)
     if not (out / REPORT_NAME).exists():
         write_report(results_dir, out)
-    wandb_dir = Path(wandb_dir) if wandb_dir is not None else WANDB_DIR
+    df = load_results(results_dir)
+    names = {t: model_name(t) for t in pd.unique(df["teacher"])}
+    renamed = {path: name for path, name in names.items() if path != name}
+    wandb_dir = Path(wandb_dir) if wandb_dir is not None else artifacts_dir() / "wandb"
     wandb_dir.mkdir(parents=True, exist_ok=True)
-    from harness.tracking import start_run  # offline unless online is asked for and usable
 
+    def table(frame: pd.DataFrame):
+        frame = frame.astype(object).where(frame.notna(), None)
+        for col in frame.columns:  # teachers by name, not by this machine's path
+            for path, name in renamed.items():
+                frame[col] = frame[col].map(lambda v, p=path, n=name: v.replace(p, n) if isinstance(v, str) else v)
+        return wandb.Table(dataframe=frame)
+
+    axes = {"teacher": sorted(names.values())}
+    for axis in ("method", "ratio", "recovery", "data_fraction", "seed"):
+        axes[axis] = sorted(pd.unique(df[axis]).tolist())
+    config = {"experiment": experiment, "stage": "analysis", "cells": int(df["cell"].nunique()),
+              "benchmarks": list(pd.unique(df.loc[df["primary"], "benchmark"])), **axes,
+              "source": portable(str(find_results_file(results_dir).absolute()))}
     run = start_run(
         project=os.environ.get("WANDB_PROJECT", "mllm-compression"),  # the project the stages log to
-        group=experiment, job_type="analysis", name=f"{experiment}-analysis", dir=str(wandb_dir),
+        group=experiment, job_type="analysis", name=f"{experiment}: analysis", id=analysis_run_id(experiment),
+        resume="allow", config=config, tags=[f"experiment:{experiment}", "stage:analysis"], dir=str(wandb_dir),
+        reinit="finish_previous",
     )
+    findings = pd.read_csv(out / "findings.csv")
     with run:
-        for name in ("table_a", "table_b"):
-            table = pd.read_csv(out / "tables" / f"{name}.csv")
-            run.log({name: wandb.Table(dataframe=table.astype(str))})
-        run.log({"findings": wandb.Table(dataframe=pd.read_csv(out / "findings.csv"))})
+        logged = {"cells": table(df), "configurations": table(cell_summary(df)),
+                  "findings": table(findings[["finding", "verdict", "counts", "evidence"]])}
+        for name, frame in (("table_a", table_a(df)), ("table_b", table_b(df))):
+            if not frame.empty:
+                logged[name] = table(frame)
+        drawn = re.findall(r"\]\(figures/([\w-]+)\.png\)", (out / REPORT_NAME).read_text())
+        for name in drawn:
+            if (out / "figures" / f"{name}.png").is_file():
+                logged[f"figures/{name}"] = wandb.Image(str(out / "figures" / f"{name}.png"),
+                                                        caption=FIGURE_CAPTIONS.get(name))
+        run.log(logged)
+        run.summary.update({f"verdict/{_slug(f)}": v for f, v in zip(findings["finding"], findings["verdict"])})
         artifact = wandb.Artifact(f"{experiment}-analysis", type="analysis")
         artifact.add_file(str(out / REPORT_NAME))
         artifact.add_file(str(out / "findings.csv"))
@@ -146,4 +188,10 @@ def log_to_wandb(results_dir, out_dir=None, wandb_dir=None) -> str:
             if (out / folder).is_dir():
                 artifact.add_dir(str(out / folder), name=folder)
         run.log_artifact(artifact)
+    remove_earlier_offline_runs(run)
     return artifact.name
+
+
+def _slug(text: str) -> str:
+    """`1. Without recovery, widthwise ...` -> `1_Without_recovery_widthwise_...` (a W&B key filters well)."""
+    return re.sub(r"[^0-9A-Za-z]+", "_", str(text)).strip("_")

@@ -121,7 +121,8 @@ def cmd_recover(args) -> None:
 
 
 def cmd_grid(args) -> None:
-    """`harness grid ...`; after `run`, the report (tables, figures, findings) of what finished."""
+    """`harness grid ...`; after `run`, the report (tables, figures, findings) of what finished and,
+    unless WANDB_MODE=disabled, the experiment's W&B analysis run (replacing an earlier one)."""
     from harness.grid import commands, runner
 
     try:
@@ -134,9 +135,13 @@ def cmd_grid(args) -> None:
 
 def _report_after_grid(args, results) -> None:
     if results is not None and args.action == "run" and not args.no_figures:
-        from analysis.report import write_report
+        from analysis.report import analysis_run_id, log_to_wandb, write_report
+        from harness.tracking import wandb_mode
 
         print(f"report written to {write_report(results)}")
+        if wandb_mode() != "disabled":
+            log_to_wandb(results)
+            print(f"W&B analysis run {analysis_run_id(results.name)} logged (job type analysis)")
 
 
 def cmd_convert_bunny(args) -> None:

@@ -9,6 +9,11 @@ failures the check cannot foresee: an online init that fails is retried offline.
 
 The API key is only ever read here to authenticate that check; it is never logged,
 printed or stored (W&B keeps it out of run files itself).
+
+What runs carry is machine-independent: `portable()` turns absolute paths into paths relative
+to the working directory (or a bare name), `model_name()` names a teacher given as a folder,
+and `remove_earlier_offline_runs()` lets a run with a fixed id (an experiment's analysis run)
+replace its earlier offline copies instead of adding to them.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
+import shutil
 import sys
 import urllib.error
 import urllib.parse
@@ -67,6 +74,47 @@ def start_run(**init_kwargs):
             wandb.teardown()  # the service may still be retrying the online run; start a fresh one
         mode = "offline"
     return wandb.init(mode=mode, **init_kwargs)
+
+
+def portable(value):
+    """`value` (nested dicts and lists too) with every absolute path made machine-independent.
+
+    A path under the working directory becomes relative to it; any other absolute path keeps
+    only its last component (a teacher folder's name, a data folder's name).
+    """
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v) for v in value]
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, str) and len(value) > 1 and os.path.isabs(value):
+        path = Path(value)
+        try:
+            return path.relative_to(Path.cwd()).as_posix()
+        except ValueError:
+            return path.name
+    return value
+
+
+def model_name(model: str) -> str:
+    """A model as a person names it: a checkpoint folder by its name, an embedded name or hub id as given."""
+    model = str(model)
+    if os.path.isabs(model) or Path(model).is_dir():
+        return Path(model).name or model
+    return model
+
+
+def remove_earlier_offline_runs(run) -> list[Path]:
+    """Delete the other local copies (offline runs) of `run`'s id, so its latest copy is the only one synced."""
+    here = Path(run.dir).parent if getattr(run, "dir", None) else None
+    if here is None or not here.parent.is_dir():
+        return []
+    pattern = re.compile(r"offline-run-\d{8}_\d{6}-" + re.escape(run.id) + "$")
+    removed = [d for d in here.parent.iterdir() if d != here and d.is_dir() and pattern.match(d.name)]
+    for d in removed:
+        shutil.rmtree(d, ignore_errors=True)
+    return removed
 
 
 def _check_server(base: str, key: str | None) -> str | None:

@@ -74,6 +74,11 @@ def build_plan(spec: Spec) -> Plan:
     return plan
 
 
+def stage_cells(plan: Plan, key: str) -> dict[Cell, dict[str, str]]:
+    """The cells a stage serves, each with its stage keys (what the stage's W&B run describes)."""
+    return {cell: ids for cell, ids in plan.cell_stages.items() if key in ids.values()}
+
+
 def stage_state(stage: st.Stage) -> str:
     if stage.done():
         return "done"
@@ -104,7 +109,7 @@ def ensure(plan: Plan, stage: st.Stage, retry_failed: bool = False, log=print) -
         st.clear_failure(stage)
         log(f"  {stage.kind} {stage.key} ...")
         try:
-            seconds = st.run_stage(stage, plan.spec.name)
+            seconds = st.run_stage(stage, plan.spec.name, stage_cells(plan, stage.key))
         except Exception as e:
             st.record_failure(stage, e)
             raise

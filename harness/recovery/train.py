@@ -57,17 +57,21 @@ class _FiniteGuard(pl.Callback):
             raise NonFiniteLoss(f"non-finite loss {shown} at step {trainer.global_step}")
 
 
-def make_logger(run_name: str, config: dict, group: str | None = None, job_type: str = "recover"):
-    """W&B, offline unless the user configured online mode (WANDB_MODE / WANDB_API_KEY)."""
+def make_logger(run_name: str, config: dict, group: str | None = None, job_type: str = "recover",
+                tags: list[str] | None = None):
+    """W&B, offline unless the user configured online mode (WANDB_MODE / WANDB_API_KEY).
+
+    Absolute paths in `config` are made machine-independent (`harness.tracking.portable`).
+    """
     from pytorch_lightning.loggers import WandbLogger
 
-    from harness.tracking import wandb_mode
+    from harness.tracking import portable, wandb_mode
 
     save_dir = artifacts_dir() / "wandb"
     save_dir.mkdir(parents=True, exist_ok=True)
     return WandbLogger(name=run_name, project=os.environ.get("WANDB_PROJECT", "mllm-compression"),
                        save_dir=str(save_dir), mode=wandb_mode(), group=group, job_type=job_type,
-                       config=config)
+                       config=portable(config), tags=tags)
 
 
 def train(module: RecoveryModule, datamodule, recipe: Recipe, *, run_name: str, ckpt_dir: Path | None = None,
@@ -99,7 +103,7 @@ def train(module: RecoveryModule, datamodule, recipe: Recipe, *, run_name: str, 
         accumulate_grad_batches=recipe.accumulate, gradient_clip_val=recipe.clip or None,
         logger=logger if logger is not None else False, callbacks=callbacks,
         enable_checkpointing=ckpt_dir is not None, enable_progress_bar=progress,
-        enable_model_summary=False, log_every_n_steps=10, deterministic=True,
+        enable_model_summary=False, log_every_n_steps=1, deterministic=True,
         num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()],
     )
     last = ckpt_dir / "last.ckpt" if ckpt_dir is not None else None
@@ -122,8 +126,13 @@ def save_model(model, processor, out: Path, extra_files: dict[str, dict] | None 
 
 def recover(teacher: str, student_dir: str | Path, recipe_name: str, data: str | Path, fraction: float,
             out: str | Path, overrides: dict | None = None, group: str | None = None,
-            progress: bool = True, teacher_model=None, student_model=None) -> dict:
-    """`harness recover`: train a pruned student with a recipe on a fraction of the mix."""
+            progress: bool = True, teacher_model=None, student_model=None, wandb_run: dict | None = None) -> dict:
+    """`harness recover`: train a pruned student with a recipe on a fraction of the mix.
+
+    The W&B run (job type `recover`, named after `out`) holds the recipe, the data fraction, the
+    teacher and the student's pruning method and ratios; `wandb_run` (`name`, `config`, `tags`:
+    the grid's `wandb_context`) names it and adds the grid axes.
+    """
     from harness.data.datamodule import MixDataModule
     from harness.data.instruct import check_images
     from harness.models import load
@@ -156,11 +165,18 @@ def recover(teacher: str, student_dir: str | Path, recipe_name: str, data: str |
                       group_by_length=recipe.group_by_length)
     check_images(dm.ds, dm.indices, dm.collator.image_root)  # a bad image fails now, not halfway through training
     module = RecoveryModule(student, recipe, t_model, pruning.get("removed_layers", []))
-    run_name = f"{out.name}"
-    logger = make_logger(run_name, {"recipe": recipe.__dict__, "fraction": fraction, "student": str(student_dir),
-                                    "teacher": str(teacher)}, group=group, job_type="recover")
+    run_name = (wandb_run or {}).get("name") or out.name
+    pruned = {"method": pruning.get("method"), "ratio": pruning.get("ratio_requested"),
+              "ratio_achieved": pruning.get("ratio_achieved")}
+    config = {"recipe": recipe.__dict__, "data_fraction": fraction, "student": str(student_dir),
+              "teacher": str(teacher), **{k: v for k, v in pruned.items() if v is not None},
+              **(wandb_run or {}).get("config", {})}
+    logger = make_logger(run_name, config, group=group, job_type="recover", tags=(wandb_run or {}).get("tags"))
     ckpt_dir = out.parent / f".{out.name}.ckpt"
     summary = train(module, dm, recipe, run_name=run_name, ckpt_dir=ckpt_dir, logger=logger, progress=progress)
+    if module.trainer.is_global_zero:
+        logger.experiment.summary.update({"steps": summary["steps"], "num_samples": len(dm.indices),
+                                          "wall_time_s": summary["wall_time_s"]})
     logger.experiment.finish()
     if not module.trainer.is_global_zero:  # under DDP the other processes only trained
         return {**summary, "num_samples": len(dm.indices)}
