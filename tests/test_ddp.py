@@ -81,10 +81,11 @@ def test_per_token_losses_average_over_processes_like_one_batch(tiny_llava, tiny
     whole = next(iter(dm.train_dataloader()))
     halves = [next(iter(ResumableLoader(_Records(dm.ds, dm.indices), 4, dm.collator, 0, rank=r, world_size=2)))
               for r in range(2)]
-    counts = sum(torch.stack([(h["labels"][:, 1:] != -100).sum(), h["attention_mask"].sum()]).float() for h in halves)
+    answers = [(h["labels"][:, 1:] != -100).sum() for h in halves]  # (KL reads answer positions by default)
+    counts = sum(torch.stack([a, a, h["attention_mask"].sum()]).float() for a, h in zip(answers, halves))
     with torch.no_grad():
         one = module.compute_losses(whole)
-        module._global_counts = lambda batch: counts / 2  # what the all-reduce returns under DDP
+        module._global_counts = lambda batch, kl_positions: counts / 2  # what the all-reduce returns under DDP
         ddp = [module.compute_losses(h) for h in halves]
     for k in ("ce", "kl", "hidden"):
         assert torch.allclose((ddp[0][k] + ddp[1][k]) / 2, one[k], rtol=1e-5, atol=0), k
