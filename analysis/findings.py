@@ -84,6 +84,15 @@ def _achieved(row) -> float:
     return row["ratio"] if pd.isna(row["ratio_achieved"]) else row["ratio_achieved"]
 
 
+def _judge(detail: str, vacuous: bool, contradicts: bool, supports: bool, why_vacuous: str) -> Comparison:
+    """A recovery claim's comparison: vacuous first (no recovery already meets the bar), then the evidence."""
+    if vacuous:
+        return Comparison(VACUOUS, f"{detail}; {why_vacuous}")
+    if contradicts:
+        return Comparison(CONTRADICTS, detail)
+    return Comparison(SUPPORTS if supports else INCONCLUSIVE, detail)
+
+
 def _outcome(sign: int) -> str:
     return {1: SUPPORTS, -1: CONTRADICTS, 0: INCONCLUSIVE}[sign]
 
@@ -212,14 +221,10 @@ def projector_enough_small_ratio(summary: pd.DataFrame, u: Uncertainty) -> Verdi
             detail = (f"{_where(proj)} at fraction {fraction:g}: proj-sft {_fmt(proj)}, none {_fmt(none)} "
                       f"(proj - none {gain.describe()}), best other {best['recovery']} {_fmt(best)} "
                       f"(proj - {PROJECTOR_ENOUGH:g}*best {enough.describe()})")
-            if needed.sign() > 0:
-                comparisons.append(Comparison(VACUOUS, detail + f"; none already reaches {PROJECTOR_ENOUGH:g}*best"))
-            elif enough.sign() < 0 or gain.sign() < 0:
-                comparisons.append(Comparison(CONTRADICTS, detail))
-            elif enough.sign() > 0 and gain.sign() > 0:
-                comparisons.append(Comparison(SUPPORTS, detail))
-            else:
-                comparisons.append(Comparison(INCONCLUSIVE, detail))
+            comparisons.append(_judge(detail, vacuous=needed.sign() > 0,
+                                      contradicts=enough.sign() < 0 or gain.sign() < 0,
+                                      supports=enough.sign() > 0 and gain.sign() > 0,
+                                      why_vacuous=f"none already reaches {PROJECTOR_ENOUGH:g}*best"))
     return _tally(comparisons, f"proj-sft >= {PROJECTOR_ENOUGH:g} * best other recovery and > none, "
                                f"achieved ratio < {SMALL_RATIO:g}")
 
@@ -261,14 +266,10 @@ def five_percent_keeps_95(summary: pd.DataFrame, u: Uncertainty) -> Verdict:
         best_bar, margin = _against_bar(u, best, KEEPS)
         detail = (f"{_where(best)}: {best['recovery']} {_fmt(best)} (- {KEEPS:g}: {margin}, {best_bar}) "
                   f"vs none {_fmt(none)} (best - none {gain.describe()})")
-        if none_bar == "above":
-            comparisons.append(Comparison(VACUOUS, detail + f"; none already > {KEEPS:g}"))
-        elif best_bar == "below" or gain.sign() < 0:
-            comparisons.append(Comparison(CONTRADICTS, detail))
-        elif best_bar == "above" and gain.sign() > 0:
-            comparisons.append(Comparison(SUPPORTS, detail))
-        else:
-            comparisons.append(Comparison(INCONCLUSIVE, detail))
+        comparisons.append(_judge(detail, vacuous=none_bar == "above",
+                                  contradicts=best_bar == "below" or gain.sign() < 0,
+                                  supports=best_bar == "above" and gain.sign() > 0,
+                                  why_vacuous=f"none already > {KEEPS:g}"))
     return _tally(comparisons, f"best recovery at data fraction {HEADLINE_FRACTION:g} > {KEEPS:g} AVG-% "
                                f"and > none, achieved ratio < {PAPER_RANGE:g}")
 
