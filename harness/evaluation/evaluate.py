@@ -41,6 +41,7 @@ from harness.evaluation.paper_tasks import MULTI_BENCHMARK_TASKS, PAPER_GROUP, P
 from harness.evaluation.settings import EvalSettings
 from harness.io import atomic_write_text, read_json, write_json
 from harness.settings import add_arguments, from_args
+from harness.tracking import portable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SEED = 0
@@ -292,7 +293,7 @@ def evaluate(model_or_spec, tasks: str | list[str] = SYNTH_GROUP, out_file: str 
     primary = {t: primary_metric(t, scores[t]) for t in names}
     bench = benchmarks(names, primary)
     record = {
-        "model": model_name, "tasks": names, "limit": limit, "data_dir": str(data) if data else None,
+        "model": model_name, "tasks": names, "limit": limit, "data_dir": portable(str(data)) if data else None,
         "scores": scores, "primary": primary, "benchmarks": {k: list(v) for k, v in bench.items()},
         "n_samples": {t: int(results.get("n-samples", {}).get(t, {}).get("effective", 0)) for t in names},
         "seed": SEED, "eval_wall_s": wall,
