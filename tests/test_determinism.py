@@ -16,7 +16,6 @@ import copy
 import json
 
 import pytest
-import pytorch_lightning as pl
 import torch
 
 from harness.data.datamodule import MixDataModule, ResumableLoader
@@ -24,6 +23,7 @@ from harness.models import LMAdapter
 from harness.recovery.module import RecoveryModule, merge_lora
 from harness.recovery.recipes import get_recipe
 from harness.recovery.train import recover, train
+from tests.test_recovery import _Crash, _CrashAt
 
 # LoRA + hidden-state KD with a large dropout, so every dropout mask shows in the weights.
 KD = dict(max_steps=24, batch_size=4, lr=3e-3, warmup_ratio=0.1, lora_r=4, lora_alpha=8, lora_dropout=0.3,
@@ -126,21 +126,6 @@ def test_the_loader_starts_the_next_epoch_when_lightning_stops_at_its_length():
     assert take(resumed, 3) == epochs[2]
     # A state saved after an epoch's last batch by the old loader (consumed == its length) starts the next epoch.
     assert take(loader({"epoch": 1, "consumed": 3}), 3) == epochs[2]
-
-
-class _Crash(Exception):
-    pass
-
-
-class _CrashAt(pl.Callback):
-    """Kills the run at the end of optimizer step `step`, before that step's checkpoint (the last is older)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == self.step:
-            raise _Crash()
 
 
 def _fit(model, teacher, processor, world, recipe, **kw):

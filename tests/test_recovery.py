@@ -130,7 +130,7 @@ class _Crash(Exception):
 
 
 class _CrashAt(pl.Callback):
-    """Kills the run right after step `step` is checkpointed."""
+    """Kills the run at the end of optimizer step `step`, before that step's checkpoint (the last is older)."""
 
     def __init__(self, step):
         self.step = step

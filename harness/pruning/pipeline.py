@@ -112,12 +112,11 @@ def _load(model, processor):
 
 def _check_plan(model, method: str, ratios: Sequence[float], settings: PruneSettings) -> PruneSettings:
     """Plan every ratio on the model's shape so impossible requests fail early; returns settings with parsed ranges."""
-    shape = lm_shape(model)
+    shape = lm_shape(model, settings.attn_unit)  # (layer methods keep the default unit: `for_method`)
     if get_method(method).family == "layer":
         for ratio in ratios:
             plan_layers(shape, ratio)
         return settings
-    shape = lm_shape(model, settings.attn_unit)
     attn = list(parse_layers(settings.attn_layers, shape.num_layers, "attn_layers"))
     mlp = list(parse_layers(settings.mlp_layers, shape.num_layers, "mlp_layers"))
     for ratio in ratios:
