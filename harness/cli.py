@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from harness.errors import HarnessError
@@ -76,6 +77,23 @@ def cmd_data_make(args) -> None:
           f"{spec.benchmark_size} items per benchmark)")
 
 
+def cmd_teacher_build(args) -> None:
+    from harness.paths import TEACHERS_DIR
+    from harness.synthetic.teachers import build_teacher, plan_of
+
+    for name in args.names:
+        plan_of(name)  # every name is checked before anything is built
+    for name in args.names:
+        t0 = time.perf_counter()
+        done = build_teacher(name, TEACHERS_DIR / name, force=args.force)
+        if done == "missing":
+            print(f"teacher {name}: neither committed nor in parts; training it (`harness teacher train {name}`)")
+            cmd_teacher_train(argparse.Namespace(name=name, data=args.data, out=None, seed=0, overwrite=False,
+                                                 skip_eval=False, set=None))
+            continue
+        print(f"teacher {name}: {done}" + (f" in {time.perf_counter() - t0:.0f} s" if done != "present" else ""))
+
+
 def cmd_teacher_train(args) -> None:
     from harness.paths import TEACHERS_DIR
     from harness.synthetic.teachers import stage_settings, train_teacher
@@ -90,6 +108,8 @@ def cmd_teacher_train(args) -> None:
         from harness.evaluation.evaluate import evaluate
 
         result = evaluate(str(out), "synth", out / "eval.json", data_dir=Path(args.data) / "benchmarks")
+        if (out / "parts").is_dir():  # a teacher committed as parts keeps its evaluation beside them
+            (out / "parts" / "eval.json").write_text((out / "eval.json").read_text())
         print(json.dumps(result["scores"], indent=1))
 
 
@@ -193,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--set", action="append", metavar="STAGE.KEY=VALUE",
                     help="override a stage setting: vision.steps=1000, full.epochs=6, full.lr=5e-4, align.max_steps=200")
     tt.set_defaults(func=cmd_teacher_train)
+    tb = teacher.add_parser("build", help="make teachers present: committed ones as they are, teachers on a "
+                                          "pretrained LM assembled from their committed parts (byte-exact), "
+                                          "missing ones trained")
+    tb.add_argument("names", nargs="+", metavar="NAME")
+    tb.add_argument("--force", action="store_true", help="assemble again even if present")
+    tb.add_argument("--data", default=DEFAULT_DATA, help="the world to train a missing teacher on")
+    tb.set_defaults(func=cmd_teacher_build)
 
     from harness.pruning.pipeline import add_prune_parser
 

@@ -18,6 +18,7 @@ from harness.cli import main
     (["data", "make", "--out", "{tmp}/o", "--family-weights", "sqa=four"], "FAMILY=INT"),
     (["data", "make", "--out", "{tmp}/o", "--family-weights", "vqa=1"], "unknown families"),
     (["teacher", "train", "tiny-gpt", "--out", "{tmp}/o"], "unknown embedded model"),
+    (["teacher", "build", "tiny-llava", "tiny-gpt"], "unknown embedded model 'tiny-gpt'"),
     (["prune", "no-such-model", "--method", "layer-bi", "--ratio", "0.3", "--out", "{tmp}/o"], "unknown model"),
     (["eval", "no-such-model", "--tasks", "synth", "--data", "{tmp}/nodata", "--out", "{tmp}/o/e.json"],
      "benchmark data missing"),
@@ -36,3 +37,19 @@ def test_eval_of_an_unknown_model(tiny_world, tmp_path, capsys):
     assert main(argv) == 2
     assert "unknown model" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_teacher_build_leaves_a_committed_teacher_alone(capsys):
+    assert main(["teacher", "build", "tiny-llava"]) == 0
+    assert capsys.readouterr().out.strip() == "teacher tiny-llava: present"
+
+
+def test_a_teacher_committed_as_parts_says_how_to_assemble_it(tmp_path, monkeypatch):
+    from harness.errors import HarnessError
+    from harness.models import loading
+
+    (tmp_path / "smol-llava" / "parts").mkdir(parents=True)
+    monkeypatch.setattr(loading, "TEACHERS_DIR", tmp_path)
+    with pytest.raises(HarnessError, match=r"teacher smol-llava is committed as parts and not assembled yet: `make "
+                                           r"teachers` \(or `harness teacher build smol-llava`\) assembles it"):
+        loading.resolve("smol-llava")

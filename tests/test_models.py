@@ -149,9 +149,14 @@ def test_teacher_training_runs_every_stage(tiny_world, tmp_path):
 
 
 def test_teacher_settings_layer_stages_then_teacher_then_overrides():
-    from harness.synthetic.teachers import STAGES, TEACHER_SETTINGS, stage_settings
+    from harness.synthetic.teachers import GROWN, PLANS, STAGES, TEACHER_SETTINGS, stage_settings
 
-    assert stage_settings(name="tiny-llava") == stage_settings() == STAGES
+    assert stage_settings(name="tiny-llava") == stage_settings() == {stage: STAGES[stage] for stage in GROWN}
+    smol = stage_settings(name="smol-llava")  # a pretrained LM: no growing, LoRA instruction tuning
+    assert tuple(smol) == PLANS["smol-llava"] and "grow" not in smol and smol["instruct"] == STAGES["instruct"]
+    with pytest.raises(HarnessError, match="'deep.epochs' must be STAGE.FIELD with STAGE one of smol-llava's stages: "
+                                           "vision, words, align, instruct"):
+        stage_settings({"deep.epochs": 2}, name="smol-llava")
     bunny = stage_settings(name="tiny-bunny")
     assert bunny["deep"]["epochs"] == TEACHER_SETTINGS["tiny-bunny"]["deep.epochs"] != STAGES["deep"]["epochs"]
     assert bunny["full"] == STAGES["full"]

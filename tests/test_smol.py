@@ -50,14 +50,19 @@ def smol_llava(smol_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def smol_batch(smol_llava, tmp_path_factory):
-    from harness.data.instruct import Collator
+def smol_world(tmp_path_factory):
     from harness.synthetic.make import WorldSpec, make_world
 
+    return make_world(tmp_path_factory.mktemp("smolworld") / "synth", WorldSpec(mix_size=32, benchmark_size=4))
+
+
+@pytest.fixture(scope="module")
+def smol_batch(smol_llava, smol_world):
+    from harness.data.instruct import Collator
+
     model, processor, _ = smol_llava
-    world = make_world(tmp_path_factory.mktemp("smolworld") / "synth", WorldSpec(mix_size=16, benchmark_size=4))
-    records = json.loads((world / "mix.json").read_text())[:4]
-    return Collator(processor, model.config, world, 128)(records)
+    records = json.loads((smol_world / "mix.json").read_text())[:4]
+    return Collator(processor, model.config, smol_world, 128)(records)
 
 
 def _logits(model, batch):
@@ -82,6 +87,11 @@ def test_smol_llava_is_native_and_reloads_with_identical_logits(smol_llava, smol
 
     original = load_file(str(smol_dir / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"]
     assert torch.equal(model.model.language_model.layers[0].self_attn.q_proj.weight, original)
+    # the tied LM head is the embedding matrix: the LM's size (the ratio's denominator) counts it once
+    from harness.models.adapter import LMAdapter
+
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    assert LMAdapter(model).lm_parameters() == sum(p.numel() for p in model.model.language_model.parameters())
 
 
 def test_smol_llava_prunes_under_gqa_and_reloads(smol_llava, smol_batch, tmp_path):
@@ -138,3 +148,101 @@ def test_conversion_is_deterministic_and_the_model_still_chats(tmp_path):
                                         add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     answer = tokenizer.decode(model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:])
     assert "Paris" in answer
+
+
+def test_only_depth_scales_a_pretrained_language_model():
+    from harness.synthetic.models import build_embedded
+
+    with pytest.raises(HarnessError, match="smol-llava's language model is pretrained: only num_hidden_layers can be "
+                                           "scaled, not hidden_size"):
+        build_embedded("smol-llava", scale={"hidden_size": 64})
+
+
+def test_a_short_lora_recovery_lowers_the_loss_on_real_weights(smol_llava, smol_batch, smol_world):
+    import copy
+
+    from harness.data.datamodule import MixDataModule
+    from harness.recovery.module import RecoveryModule
+    from harness.recovery.recipes import get_recipe
+    from harness.recovery.train import train
+
+    model, processor, _ = smol_llava
+    student = copy.deepcopy(model)
+    with torch.no_grad():
+        before = float(student(**smol_batch).loss)
+    recipe = get_recipe("lora-sft", batch_size=4, max_steps=8, lr=2e-3, warmup_ratio=0.0)
+    module = RecoveryModule(student, recipe)
+    train(module, MixDataModule(smol_world, processor, student.config, 1.0, 4, 0, 128), recipe, run_name="t",
+          logger=None, progress=False)
+    module.student.eval()
+    with torch.no_grad():
+        after = float(module.student(**smol_batch).loss)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_teacher_parts_assemble_byte_exact_and_a_different_base_is_refused(smol_dir, smol_world, tmp_path,
+                                                                           monkeypatch):
+    """smol-llava ships as parts (vision tower, projector, LoRA); assembling them on the base model gives the
+    checkpoint training wrote, byte for byte, or an error that leaves the teacher as it was."""
+    from safetensors.torch import load_file
+
+    from harness.synthetic import teachers
+    from harness.synthetic.models import EMBEDDED, build_on_base
+
+    shift = {"by": 0.0}
+
+    def truncated(name, seed=0, scale=None):  # the real weights, two decoder layers (time)
+        model, processor = build_on_base(EMBEDDED[name], seed=seed, layers=2, base_dir=smol_dir)
+        with torch.no_grad():
+            model.model.language_model.layers[1].mlp.down_proj.weight.add_(shift["by"])
+        return model, processor
+
+    monkeypatch.setattr(teachers, "build_embedded", truncated)
+    stages = teachers.stage_settings({"vision.steps": 2, "vision.batch_size": 8, "align.max_steps": 1,
+                                      "align.batch_size": 4, "instruct.max_steps": 2, "instruct.batch_size": 4},
+                                     "smol-llava")
+    out = tmp_path / "smol-llava"
+    teachers.train_teacher("smol-llava", smol_world, out, stages=stages, progress=False)
+    parts = load_file(str(out / "parts" / "parts.safetensors"))
+    assert any(".lora_A." in k for k in parts) and any("multi_modal_projector" in k for k in parts)
+    assert all(".lora_" in k for k in parts if "language_model" in k)  # none of the base model's weights
+    trained = (out / "model.safetensors").read_bytes()
+    for path in out.iterdir():  # a fresh clone holds parts/ only
+        if path.name != "parts":
+            path.unlink()
+    assert teachers.build_teacher("smol-llava", out) == "assembled"
+    assert (out / "model.safetensors").read_bytes() == trained
+    assert teachers.build_teacher("smol-llava", out) == "present"
+    shift["by"] = 1e-3
+    with pytest.raises(HarnessError, match="assembled smol-llava differs from the trained one"):
+        teachers.build_teacher("smol-llava", out, force=True)
+    assert (out / "model.safetensors").read_bytes() == trained
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written sibling left
+
+
+def test_each_cell_is_aligned_to_the_words_that_tell_it_apart():
+    """The words stage's targets: colour and shape (or digit) of the cell, "empty" for an empty one."""
+    from harness.synthetic import world
+    from harness.synthetic.vision_pretrain import cell_labels, cell_phrase
+
+    scene = world.Scene(things=[world.Thing(0, 0, "blue", "square", "large"), world.Thing(2, 1, "red", digit=7)])
+    phrases = [cell_phrase(*map(int, labels), cell) for cell, labels in enumerate(cell_labels(scene))]
+    assert phrases == ["blue square", "empty", "empty", "empty", "empty", "empty", "empty", "red 7", "empty"]
+
+
+@pytest.mark.slow
+def test_committed_smol_llava_parts_assemble_to_the_trained_teacher(tmp_path):
+    """What `make teachers` does on a fresh clone: the committed parts on SmolLM2's weights give the
+    trained checkpoint (build_teacher checks its sha256) with its recorded settings."""
+    import shutil
+
+    from harness.paths import TEACHERS_DIR
+    from harness.synthetic.teachers import build_teacher, stage_settings
+
+    parts = TEACHERS_DIR / "smol-llava" / "parts"
+    record = json.loads((parts / "teacher.json").read_text())
+    assert record["settings"] == stage_settings(name="smol-llava")  # a changed default means retraining it
+    assert sum(p.stat().st_size for p in parts.iterdir()) < 50e6
+    shutil.copytree(parts, tmp_path / "smol-llava" / "parts")
+    assert build_teacher("smol-llava", tmp_path / "smol-llava") == "assembled"
+    assert json.loads((tmp_path / "smol-llava" / "config.json").read_text())["text_config"]["num_hidden_layers"] == 30

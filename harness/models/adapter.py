@@ -106,5 +106,8 @@ class LMAdapter:
         return getattr(self.config, "num_key_value_heads", None) or self.num_heads
 
     def lm_parameters(self) -> int:
-        """Parameters of the language model, embeddings and LM head included (the paper's LM size)."""
-        return sum(p.numel() for p in self.decoder.parameters()) + self.lm_head.weight.numel()
+        """Parameters of the language model, embeddings and LM head included (the paper's LM size).
+
+        A tied LM head (SmolLM2's) is the embedding matrix itself and counts once."""
+        params = {id(p): p for p in (*self.decoder.parameters(), self.lm_head.weight)}
+        return sum(p.numel() for p in params.values())

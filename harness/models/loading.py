@@ -32,6 +32,9 @@ def resolve(spec: str | Path) -> Path | str:
         return path
     if "/" in spec and not spec.startswith((".", "/")) and spec.count("/") == 1:
         return spec  # a hub id; transformers resolves it from the cache or (online) the hub
+    if (TEACHERS_DIR / spec / "parts").is_dir():
+        raise HarnessError(f"teacher {spec} is committed as parts and not assembled yet: `make teachers` "
+                           f"(or `harness teacher build {spec}`) assembles it")
     known = ", ".join(teacher_names()) or "none yet"
     raise HarnessError(f"unknown model {spec!r}: not a trained teacher ({known}; `harness teacher train NAME` trains "
                        f"an embedded one), a directory, or a hub id")

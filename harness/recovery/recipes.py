@@ -142,6 +142,8 @@ PRESETS: dict[str, Recipe] = {
         # of one-question records, the setting measured best on these 2 cores (docs/teachers.md).
         Recipe("teacher-align", lr=1e-3, batch_size=64, warmup_ratio=0.05, adam_beta2=0.98),
         Recipe("teacher-full", language_model="full", lr=1e-3, batch_size=128, warmup_ratio=0.05, adam_beta2=0.98),
+        # Instruction tuning on a pretrained language model (smol-llava): projector and LoRA adapters.
+        Recipe("teacher-lora", language_model="lora", lr=1e-3, batch_size=16, warmup_ratio=0.05, adam_beta2=0.98),
     ]
 }
 

@@ -113,8 +113,10 @@ def train(module: RecoveryModule, datamodule, recipe: Recipe, *, run_name: str, 
     return {"steps": trainer.global_step, "final_losses": metrics, "wall_time_s": time.perf_counter() - t0}
 
 
-def save_model(model, processor, out: Path, extra_files: dict[str, dict] | None = None) -> None:
-    """Merge LoRA, then write safetensors + config + processor (+ JSON side files) atomically."""
+def save_model(model, processor, out: Path, extra_files: dict[str, dict] | None = None, after=None) -> None:
+    """Merge LoRA, then write safetensors + config + processor (+ JSON side files) atomically.
+
+    `after(folder)` may add to (or veto, by raising) the folder before it becomes `out`."""
     model = merge_lora(model)
     model.requires_grad_(False)
     with atomic_dir(out) as tmp:
@@ -122,6 +124,8 @@ def save_model(model, processor, out: Path, extra_files: dict[str, dict] | None 
         processor.save_pretrained(tmp)
         for name, obj in (extra_files or {}).items():
             write_json(tmp / name, obj)
+        if after is not None:
+            after(tmp)
 
 
 def recover(teacher: str, student_dir: str | Path, recipe_name: str, data: str | Path, fraction: float,

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers import decoders as tk_decoders
 from tokenizers.models import WordLevel
 
+from harness.errors import HarnessError
 from harness.synthetic import world
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
@@ -71,6 +72,8 @@ class EmbeddedSpec:
     feature_strategy: str  # "default" drops CLS (CLIP); "full" keeps all tokens (SigLIP)
     text: dict = field(default_factory=dict)
     vision: dict = field(default_factory=dict)
+    # A pretrained language model (`harness.models.base`) instead of a random one shaped by `text`.
+    base_lm: str | None = None
 
 
 _VISION = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
@@ -88,6 +91,9 @@ EMBEDDED: dict[str, EmbeddedSpec] = {
                                # (docs/teachers.md, teacher quality).
                                text=dict(_LM, num_key_value_heads=8, partial_rotary_factor=0.5, rope_theta=30.0,
                                          resid_pdrop=0.0, embd_pdrop=0.0), vision=_VISION),
+    # The embedded study on a real pretrained language model: SmolLM2-135M-Instruct (30 layers, GQA).
+    "smol-llava": EmbeddedSpec("smol-llava", "clip_vision_model", "llama", "default", vision=_VISION,
+                               base_lm="smollm2-135m-instruct"),
     # Test-only variants: grouped-query attention in the Llama and Qwen2 styles.
     "tiny-llava-gqa": EmbeddedSpec("tiny-llava-gqa", "clip_vision_model", "mistral", "default",
                                    text=dict(_LM, num_key_value_heads=2, sliding_window=None), vision=_VISION),
@@ -99,12 +105,19 @@ EMBEDDED: dict[str, EmbeddedSpec] = {
 def build_embedded(name: str, seed: int = 0, scale: dict | None = None):
     """A randomly initialised embedded model and its processor.
 
-    `scale` overrides text-config fields (tests use it to shrink the language model).
+    `scale` overrides text-config fields (tests use it to shrink the language model). A spec with a
+    pretrained `base_lm` takes only `num_hidden_layers` (its first N pretrained layers).
     """
     import torch
     from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration
 
     spec = EMBEDDED[name]
+    if spec.base_lm:
+        extra = sorted(set(scale or {}) - {"num_hidden_layers"})
+        if extra:
+            raise HarnessError(f"{name}'s language model is pretrained: only num_hidden_layers can be scaled, "
+                               f"not {', '.join(extra)}")
+        return build_on_base(spec, seed=seed, layers=(scale or {}).get("num_hidden_layers"))
     tokenizer = build_tokenizer()
     text_kwargs = {**spec.text, "vocab_size": len(tokenizer), **(scale or {})}
     text_cfg = AutoConfig.for_model(
@@ -146,10 +159,7 @@ def build_processor(spec: EmbeddedSpec, tokenizer):
     )
 
 
-# --- smol-llava: the embedded study on a real pretrained language model ------------------------------
-
-SMOL_LLAVA = EmbeddedSpec("smol-llava", "clip_vision_model", "llama", "default", vision=_VISION)
-SMOL_BASE_LM = "smollm2-135m-instruct"
+# --- embedded models on a pretrained language model (smol-llava) -------------------------------------
 
 # SmolLM2's ChatML turns, with image items; no default system prompt (it would add ~20 tokens to
 # every sample for nothing the synthetic world asks).
@@ -164,10 +174,15 @@ CHATML_TEMPLATE = (
 
 
 def build_smol_llava(seed: int = 0, layers: int | None = None, base_dir=None):
-    """smol-llava: a CLIP tower and 2-layer GELU projector (random, seeded) on SmolLM2-135M-Instruct.
+    """smol-llava: a CLIP tower and 2-layer GELU projector (random, seeded) on SmolLM2-135M-Instruct."""
+    return build_on_base(EMBEDDED["smol-llava"], seed=seed, layers=layers, base_dir=base_dir)
 
-    A native `LlavaForConditionalGeneration` with SmolLM2's tokenizer (plus an `<image>` token,
-    whose embedding row starts as the mean of the others) and ChatML turns. The language model's
+
+def build_on_base(spec: EmbeddedSpec, seed: int = 0, layers: int | None = None, base_dir=None):
+    """A vision tower and 2-layer GELU projector (random, seeded) on the spec's pretrained `base_lm`.
+
+    A native `LlavaForConditionalGeneration` with the base model's tokenizer (plus an `<image>` token,
+    whose embedding row is the mean of the others) and ChatML turns. The language model's
     weights are the pretrained ones (`harness.models.base`), or with `layers` its first N decoder
     layers (tests use a truncated copy). Returns (model, processor).
     """
@@ -176,7 +191,7 @@ def build_smol_llava(seed: int = 0, layers: int | None = None, base_dir=None):
 
     from harness.models.base import base_lm_dir
 
-    base = base_dir or base_lm_dir(SMOL_BASE_LM)
+    base = base_dir or base_lm_dir(spec.base_lm)
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     tokenizer.padding_side = "left"
@@ -189,11 +204,11 @@ def build_smol_llava(seed: int = 0, layers: int | None = None, base_dir=None):
         lm.model.layers = lm.model.layers[:layers]
         text["num_hidden_layers"] = layers
     text.update(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    vision_cfg = AutoConfig.for_model(SMOL_LLAVA.vision_type, **SMOL_LLAVA.vision)
+    vision_cfg = AutoConfig.for_model(spec.vision_type, **spec.vision)
     config = LlavaConfig(
         vision_config=vision_cfg.to_dict(), text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), projector_hidden_act="gelu",
-        vision_feature_layer=-2, vision_feature_select_strategy=SMOL_LLAVA.feature_strategy,
+        vision_feature_layer=-2, vision_feature_select_strategy=spec.feature_strategy,
         image_seq_length=(world.IMAGE_SIZE // world.CELL) ** 2, tie_word_embeddings=text["tie_word_embeddings"],
     )
     config.pad_token_id = tokenizer.pad_token_id
@@ -205,10 +220,10 @@ def build_smol_llava(seed: int = 0, layers: int | None = None, base_dir=None):
     state["model.language_model.embed_tokens.weight"] = torch.cat([embed, embed.mean(0, keepdim=True)])
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(k.startswith("model.language_model.") for k in missing):
-        raise RuntimeError(f"smol-llava: language-model weights did not fit ({unexpected[:3]}, {missing[:3]})")
+        raise RuntimeError(f"{spec.name}: language-model weights did not fit ({unexpected[:3]}, {missing[:3]})")
     model.tie_weights()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    processor = build_processor(SMOL_LLAVA, tokenizer)
+    processor = build_processor(spec, tokenizer)
     processor.chat_template = CHATML_TEMPLATE
     return model, processor

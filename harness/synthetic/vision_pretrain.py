@@ -136,3 +136,80 @@ def standardize_projector_input(model, processor, n_images: int = 256, seed: int
     linear = model.model.multi_modal_projector.linear_1
     linear.bias -= linear.weight @ (mean / std)
     linear.weight /= std
+
+
+def cell_phrase(kind: int, color: int, size: int, cell: int) -> str:
+    """The content words of one cell's labels (`cell_labels`): "blue square", "red 7" or "empty".
+
+    Only the words that tell cells apart: a mean over a whole caption phrase ("a large blue square
+    at the top left") is dominated by the words every cell shares. Where a cell is comes from
+    the image token's place in the sequence, as in LLaVA."""
+    if kind == 0:
+        return "empty"
+    colour = list(world.COLORS)[color - 1]
+    if kind > len(world.SHAPES):
+        return f"{colour} {kind - 1 - len(world.SHAPES)}"
+    return f"{colour} {world.SHAPES[kind - 1]}"
+
+
+class WordAlignModule(pl.LightningModule):
+    """Train the projector alone so each image token lands on its cell's words in the LM's embedding space.
+
+    The target of a cell is the mean input embedding of its phrase (`cell_phrase`), scaled to the
+    embeddings' mean norm. A pretrained language model then reads image tokens as (a bag of) the
+    words that describe them from the first step of instruction tuning; LLaVA gets the same from
+    558k captions, which 2 CPU cores cannot afford on a 30-layer model. No language-model pass.
+    """
+
+    def __init__(self, model, tokenizer, lr: float = 1e-3, total_steps: int = 300):
+        super().__init__()
+        cfg = model.config
+        self.vision, self.projector = model.model.vision_tower, model.model.multi_modal_projector
+        self.layer, self.drop_cls = cfg.vision_feature_layer, cfg.vision_config.model_type == "clip_vision_model"
+        self.embed = model.get_input_embeddings().weight.detach()
+        self.norm = float(self.embed.norm(dim=-1).mean())
+        self.tokenizer, self.lr, self.total_steps = tokenizer, lr, total_steps
+        self.targets: dict[tuple, torch.Tensor] = {}
+
+    def target(self, key: tuple) -> torch.Tensor:
+        if key not in self.targets:
+            ids = self.tokenizer(cell_phrase(*key), add_special_tokens=False)["input_ids"]
+            mean = self.embed[ids].mean(0)
+            self.targets[key] = mean * (self.norm / mean.norm())
+        return self.targets[key]
+
+    def training_step(self, batch, batch_idx):
+        pixels, labels = batch
+        with torch.no_grad():
+            states = self.vision(pixels, output_hidden_states=True).hidden_states[self.layer]
+        if self.drop_cls:
+            states = states[:, 1:]
+        target = torch.stack([torch.stack([self.target((*map(int, labels[b, c]), c)) for c in range(labels.shape[1])])
+                              for b in range(labels.shape[0])])
+        out = self.projector(states)
+        loss = F.mse_loss(out, target)
+        cos = F.cosine_similarity(out, target, dim=-1).mean()
+        self.log_dict({"words/mse": loss.detach(), "words/cos": cos.detach()}, on_step=True)
+        return loss
+
+    def configure_optimizers(self):
+        from transformers import get_cosine_schedule_with_warmup
+
+        opt = torch.optim.AdamW(self.projector.parameters(), lr=self.lr, weight_decay=0.0)
+        sched = get_cosine_schedule_with_warmup(opt, int(0.05 * self.total_steps), self.total_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def align_projector_to_words(model, processor, steps: int = 300, batch_size: int = 64, lr: float = 1e-3,
+                             seed: int = 0, progress: bool = True) -> dict:
+    """`WordAlignModule` on a fresh seeded scene stream; returns the final MSE and cosine to the targets."""
+    pl.seed_everything(seed, verbose=False)
+    module = WordAlignModule(model, processor.tokenizer, lr, steps)
+    model.model.vision_tower.requires_grad_(False)
+    model.model.multi_modal_projector.requires_grad_(True)
+    loader = DataLoader(SceneStream(processor.image_processor, seed + 2), batch_size=batch_size)
+    trainer = pl.Trainer(max_steps=steps, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=20,
+                         deterministic=True)
+    trainer.fit(module, loader)
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("words/")}
