@@ -35,10 +35,11 @@ test-slow: install
 data: install
 	$(HARNESS) data make --out $(DATA)
 
-# The tiny teachers are committed whole; smol-llava as parts (vision tower, projector, LoRA), which this
-# assembles with SmolLM2's weights, byte-exact, in about a minute. A teacher missing altogether is trained.
+# The experiment's embedded teachers: committed whole (the tiny ones) or as parts (a teacher on a
+# pretrained LM: vision tower, projector, LoRA), which this assembles with the base model's weights,
+# byte-exact. A teacher missing altogether is trained.
 teachers: data
-	$(HARNESS) teacher build tiny-llava tiny-bunny smol-llava --data $(DATA)
+	$(HARNESS) teacher build --experiment $(EXPERIMENT) --data $(DATA)
 
 reproduce: teachers
 	$(HARNESS) grid run $(EXPERIMENT)

@@ -79,11 +79,18 @@ def cmd_data_make(args) -> None:
 
 def cmd_teacher_build(args) -> None:
     from harness.paths import TEACHERS_DIR
-    from harness.synthetic.teachers import build_teacher, plan_of
+    from harness.synthetic.teachers import PLANS, build_teacher, plan_of
 
-    for name in args.names:
+    names = list(args.names)
+    if args.experiment:  # the embedded teachers a grid spec names (others are checkpoints or hub ids)
+        from harness.grid.spec import load_spec
+
+        names += [t for t in load_spec(args.experiment).teachers if t in PLANS and t not in names]
+    if not names:
+        raise HarnessError("name at least one teacher, or --experiment SPEC")
+    for name in names:
         plan_of(name)  # every name is checked before anything is built
-    for name in args.names:
+    for name in names:
         t0 = time.perf_counter()
         done = build_teacher(name, TEACHERS_DIR / name, force=args.force)
         if done == "missing":
@@ -216,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     tb = teacher.add_parser("build", help="make teachers present: committed ones as they are, teachers on a "
                                           "pretrained LM assembled from their committed parts (byte-exact), "
                                           "missing ones trained")
-    tb.add_argument("names", nargs="+", metavar="NAME")
+    tb.add_argument("names", nargs="*", metavar="NAME")
+    tb.add_argument("--experiment", metavar="SPEC", help="also every embedded teacher this grid spec names")
     tb.add_argument("--force", action="store_true", help="assemble again even if present")
     tb.add_argument("--data", default=DEFAULT_DATA, help="the world to train a missing teacher on")
     tb.set_defaults(func=cmd_teacher_build)

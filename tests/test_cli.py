@@ -19,6 +19,7 @@ from harness.cli import main
     (["data", "make", "--out", "{tmp}/o", "--family-weights", "vqa=1"], "unknown families"),
     (["teacher", "train", "tiny-gpt", "--out", "{tmp}/o"], "unknown embedded model"),
     (["teacher", "build", "tiny-llava", "tiny-gpt"], "unknown embedded model 'tiny-gpt'"),
+    (["teacher", "build"], "name at least one teacher, or --experiment SPEC"),
     (["prune", "no-such-model", "--method", "layer-bi", "--ratio", "0.3", "--out", "{tmp}/o"], "unknown model"),
     (["eval", "no-such-model", "--tasks", "synth", "--data", "{tmp}/nodata", "--out", "{tmp}/o/e.json"],
      "benchmark data missing"),
@@ -39,9 +40,12 @@ def test_eval_of_an_unknown_model(tiny_world, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_teacher_build_leaves_a_committed_teacher_alone(capsys):
-    assert main(["teacher", "build", "tiny-llava"]) == 0
-    assert capsys.readouterr().out.strip() == "teacher tiny-llava: present"
+def test_teacher_build_leaves_committed_teachers_alone(capsys):
+    """What `make teachers` runs: the embedded teachers of the experiment, here the default one's."""
+    from harness.paths import REPO_ROOT
+
+    assert main(["teacher", "build", "--experiment", str(REPO_ROOT / "experiments" / "default.yaml")]) == 0
+    assert capsys.readouterr().out.splitlines() == ["teacher tiny-llava: present", "teacher tiny-bunny: present"]
 
 
 def test_a_teacher_committed_as_parts_says_how_to_assemble_it(tmp_path, monkeypatch):
