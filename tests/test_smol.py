@@ -207,11 +207,13 @@ def test_teacher_parts_assemble_byte_exact_and_a_different_base_is_refused(smol_
     assert any(".lora_A." in k for k in parts) and any("multi_modal_projector" in k for k in parts)
     assert all(".lora_" in k for k in parts if "language_model" in k)  # none of the base model's weights
     trained = (out / "model.safetensors").read_bytes()
+    (out / "parts" / "eval.json").write_text('{"scores": {"synth_gqa": {"exact_match": 0.5}}}')
     for path in out.iterdir():  # a fresh clone holds parts/ only
         if path.name != "parts":
             path.unlink()
     assert teachers.build_teacher("smol-llava", out) == "assembled"
     assert (out / "model.safetensors").read_bytes() == trained
+    assert json.loads((out / "eval.json").read_text())["scores"]["synth_gqa"]["exact_match"] == 0.5
     assert teachers.build_teacher("smol-llava", out) == "present"
     shift["by"] = 1e-3
     with pytest.raises(HarnessError, match="assembled smol-llava differs from the trained one"):

@@ -216,7 +216,7 @@ def _parts_of(model) -> dict:
             if k.startswith(owned) or ".lora_" in k}
 
 
-def _save_with_parts(model, processor, out: Path, record: dict) -> None:
+def _save_with_parts(model, processor, out: Path, record: dict, evaluation: dict | None = None) -> None:
     """The merged checkpoint, and under parts/ what it is assembled from (the committed part), at once.
 
     The record carries the merged weights' sha256, which `build_teacher` checks its assembly against.
@@ -236,6 +236,9 @@ def _save_with_parts(model, processor, out: Path, record: dict) -> None:
         save_file(parts, str(tmp / PARTS / "parts.safetensors"))
         write_json(tmp / PARTS / "teacher.json", parts_record)
         write_json(tmp / "teacher.json", parts_record)
+        if evaluation is not None:
+            write_json(tmp / PARTS / "eval.json", evaluation)
+            write_json(tmp / "eval.json", evaluation)
 
     save_model(model, processor, out, after=write_parts)
 
@@ -259,13 +262,9 @@ def build_teacher(name: str, out: str | Path, force: bool = False) -> str:
     model, processor = build_embedded(name, seed=record["seed"])
     if record.get("lora"):
         set_trainable(model, get_recipe("lora-sft", **record["lora"]))
-    missing, unexpected = model.load_state_dict(parts, strict=False)
+    unexpected = model.load_state_dict(parts, strict=False).unexpected_keys
     if unexpected or len(parts) == 0:
         raise HarnessError(f"{parts_dir / 'parts.safetensors'} does not fit {name} (unexpected: {unexpected[:3]})")
     eval_file = parts_dir / "eval.json"
-    evaluation = read_json(eval_file) if eval_file.exists() else None
-    _save_with_parts(model, processor, out, record)
-    if evaluation is not None:
-        write_json(out / PARTS / "eval.json", evaluation)
-        write_json(out / "eval.json", evaluation)
+    _save_with_parts(model, processor, out, record, read_json(eval_file) if eval_file.exists() else None)
     return "assembled"
