@@ -228,6 +228,6 @@ def test_each_cell_is_aligned_to_the_words_that_tell_it_apart():
     from harness.synthetic.vision_pretrain import cell_labels, cell_phrase
 
     scene = world.Scene(things=[world.Thing(0, 0, "blue", "square", "large"), world.Thing(2, 1, "red", digit=7)])
-    phrases = [cell_phrase(*map(int, labels), cell) for cell, labels in enumerate(cell_labels(scene))]
+    phrases = [cell_phrase(int(kind), int(color)) for kind, color, _ in cell_labels(scene)]
     assert phrases == ["blue square", "empty", "empty", "empty", "empty", "empty", "empty", "red 7", "empty"]
 

@@ -42,6 +42,15 @@ def cell_labels(scene: world.Scene) -> torch.Tensor:
     return labels
 
 
+def projector_inputs(vision_tower, cfg, pixels: torch.Tensor) -> torch.Tensor:
+    """The vision features the projector reads (`cfg`: the LLaVA config): layer `vision_feature_layer`,
+    CLS dropped where LLaVA drops it."""
+    states = vision_tower(pixels, output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
+    if cfg.vision_config.model_type == "clip_vision_model" and cfg.vision_feature_select_strategy == "default":
+        states = states[:, 1:]
+    return states
+
+
 class SceneStream(IterableDataset):
     """An endless seeded stream of freshly rendered scenes with their cell labels."""
 
@@ -62,17 +71,14 @@ class VisionPretrainModule(pl.LightningModule):
         super().__init__()
         cfg = model.config
         self.vision = model.model.vision_tower
-        self.layer = cfg.vision_feature_layer
-        self.drop_cls = cfg.vision_config.model_type == "clip_vision_model"
+        self.cfg = cfg
         hidden = cfg.vision_config.hidden_size
         self.heads = nn.ModuleList([nn.Linear(hidden, n) for n in HEADS.values()])
         self.cell_head = nn.Linear(hidden, N_CELL)
         self.lr, self.total_steps = lr, total_steps
 
     def losses(self, pixels, labels):
-        states = self.vision(pixels, output_hidden_states=True).hidden_states[self.layer]
-        if self.drop_cls:
-            states = states[:, 1:]
+        states = projector_inputs(self.vision, self.cfg, pixels)
         out, correct = {}, []
         for k, (name, head) in enumerate(zip(HEADS, self.heads)):
             logits = head(states)
@@ -125,12 +131,9 @@ def standardize_projector_input(model, processor, n_images: int = 256, seed: int
     and learns to ignore them. Standardising the projector's input (a re-parametrisation
     of the randomly initialised projector, no new module) makes image tokens differ.
     """
-    cfg = model.config
     stream = iter(SceneStream(processor.image_processor, seed + 1))
     pixels = torch.stack([next(stream)[0] for _ in range(n_images)])
-    states = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
-    if cfg.vision_config.model_type == "clip_vision_model" and cfg.vision_feature_select_strategy == "default":
-        states = states[:, 1:]
+    states = projector_inputs(model.model.vision_tower, model.config, pixels)
     flat = states.flatten(0, 1)
     mean, std = flat.mean(0), flat.std(0).clamp(min=1e-4)
     linear = model.model.multi_modal_projector.linear_1
@@ -138,8 +141,8 @@ def standardize_projector_input(model, processor, n_images: int = 256, seed: int
     linear.weight /= std
 
 
-def cell_phrase(kind: int, color: int, size: int, cell: int) -> str:
-    """The content words of one cell's labels (`cell_labels`): "blue square", "red 7" or "empty".
+def cell_phrase(kind: int, color: int) -> str:
+    """The content words of a cell's kind and colour labels (`cell_labels`): "blue square", "red 7" or "empty".
 
     Only the words that tell cells apart: a mean over a whole caption phrase ("a large blue square
     at the top left") is dominated by the words every cell shares. Where a cell is comes from
@@ -163,29 +166,25 @@ class WordAlignModule(pl.LightningModule):
 
     def __init__(self, model, tokenizer, lr: float = 1e-3, total_steps: int = 300):
         super().__init__()
-        cfg = model.config
-        self.vision, self.projector = model.model.vision_tower, model.model.multi_modal_projector
-        self.layer, self.drop_cls = cfg.vision_feature_layer, cfg.vision_config.model_type == "clip_vision_model"
+        self.vision, self.projector, self.cfg = model.model.vision_tower, model.model.multi_modal_projector, model.config
         self.embed = model.get_input_embeddings().weight.detach()
         self.norm = float(self.embed.norm(dim=-1).mean())
         self.tokenizer, self.lr, self.total_steps = tokenizer, lr, total_steps
         self.targets: dict[tuple, torch.Tensor] = {}
 
-    def target(self, key: tuple) -> torch.Tensor:
-        if key not in self.targets:
-            ids = self.tokenizer(cell_phrase(*key), add_special_tokens=False)["input_ids"]
+    def target(self, kind: int, color: int) -> torch.Tensor:
+        if (kind, color) not in self.targets:
+            ids = self.tokenizer(cell_phrase(kind, color), add_special_tokens=False)["input_ids"]
             mean = self.embed[ids].mean(0)
-            self.targets[key] = mean * (self.norm / mean.norm())
-        return self.targets[key]
+            self.targets[kind, color] = mean * (self.norm / mean.norm())
+        return self.targets[kind, color]
 
     def training_step(self, batch, batch_idx):
         pixels, labels = batch
         with torch.no_grad():
-            states = self.vision(pixels, output_hidden_states=True).hidden_states[self.layer]
-        if self.drop_cls:
-            states = states[:, 1:]
-        target = torch.stack([torch.stack([self.target((*map(int, labels[b, c]), c)) for c in range(labels.shape[1])])
-                              for b in range(labels.shape[0])])
+            states = projector_inputs(self.vision, self.cfg, pixels)
+        target = torch.stack([torch.stack([self.target(int(kind), int(color)) for kind, color, _ in cells])
+                              for cells in labels])
         out = self.projector(states)
         loss = F.mse_loss(out, target)
         cos = F.cosine_similarity(out, target, dim=-1).mean()
