@@ -135,8 +135,8 @@ def log_to_wandb(results_dir, out_dir=None, wandb_dir=None) -> str:
     import wandb  # imported lazily: slow, and only needed when logging
 
     from analysis.tables import cell_summary, table_a, table_b
-    from harness.paths import artifacts_dir
     from harness.tracking import model_name, portable, remove_earlier_offline_runs, start_run
+    from harness.tracking import wandb_dir as run_folder
 
     experiment = experiment_dir(results_dir).name
     out = Path(out_dir) if out_dir is not None else experiment_dir(results_dir)
@@ -145,8 +145,7 @@ def log_to_wandb(results_dir, out_dir=None, wandb_dir=None) -> str:
     df = load_results(results_dir)
     names = {t: model_name(t) for t in pd.unique(df["teacher"])}
     renamed = {path: name for path, name in names.items() if path != name}
-    wandb_dir = Path(wandb_dir) if wandb_dir is not None else artifacts_dir() / "wandb"
-    wandb_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run_folder(wandb_dir)
 
     def table(frame: pd.DataFrame):
         frame = frame.astype(object).where(frame.notna(), None)
@@ -164,7 +163,7 @@ def log_to_wandb(results_dir, out_dir=None, wandb_dir=None) -> str:
     run = start_run(
         project=os.environ.get("WANDB_PROJECT", "mllm-compression"),  # the project the stages log to
         group=experiment, job_type="analysis", name=f"{experiment}: analysis", id=analysis_run_id(experiment),
-        resume="allow", config=config, tags=[f"experiment:{experiment}", "stage:analysis"], dir=str(wandb_dir),
+        resume="allow", config=config, tags=[f"experiment:{experiment}", "stage:analysis"], dir=run_dir,
         reinit="finish_previous",
     )
     findings = pd.read_csv(out / "findings.csv")

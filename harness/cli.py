@@ -66,7 +66,7 @@ def _parse_weights(text: str) -> dict[str, int]:
 def cmd_data_make(args) -> None:
     from harness.synthetic.make import WorldSpec, make_world
 
-    given = {"mix_size": args.mix_size, "benchmark_size": args.benchmark_size,
+    given = {"mix_size": args.mix_size, "benchmark_size": args.benchmark_size, "val_size": args.val_size,
              "records_per_image": args.records_per_image}
     if args.family_weights:
         given["family_weights"] = {**WorldSpec().family_weights, **_parse_weights(args.family_weights)}
@@ -74,7 +74,7 @@ def cmd_data_make(args) -> None:
     out = make_world(args.out, spec, overwrite=args.overwrite)
     n_images = -(-spec.mix_size // spec.records_per_image)
     print(f"world written to {out} ({spec.mix_size} training records on {n_images} images, "
-          f"{spec.benchmark_size} items per benchmark)")
+          f"{spec.val_size} validation records, {spec.benchmark_size} items per benchmark)")
 
 
 def cmd_teacher_build(args) -> None:
@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--mix-size", type=int, help="training records (default 40000)")
     make.add_argument("--records-per-image", type=int, help="consecutive records sharing one image (default 2)")
+    make.add_argument("--val-size", type=int, help="held-out validation records (default 256)")
     make.add_argument("--benchmark-size", type=int, help="items per benchmark (default 400)")
     make.add_argument("--family-weights", help="question families' relative shares in the mix, e.g. sqa=4,pope=1; "
                       "families not named keep their default (harness.synthetic.world.FAMILY_WEIGHTS)")

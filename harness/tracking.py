@@ -11,7 +11,8 @@ The API key is only ever read here to authenticate that check; it is never logge
 printed or stored (W&B keeps it out of run files itself).
 
 What runs carry is machine-independent: `portable()` turns absolute paths into paths relative
-to the working directory (or a bare name), `model_name()` names a teacher given as a folder,
+to the working directory (or a bare name), `run_settings()` does the same for the Python
+executable W&B records in every run's metadata, `model_name()` names a teacher given as a folder,
 and `remove_earlier_offline_runs()` lets a run with a fixed id (an experiment's analysis run)
 replace its earlier offline copies instead of adding to them.
 """
@@ -64,6 +65,7 @@ def start_run(**init_kwargs):
     import wandb
 
     mode = wandb_mode()
+    init_kwargs.setdefault("settings", run_settings())
     if mode == "online":
         try:
             return wandb.init(mode="online", **init_kwargs)
@@ -74,6 +76,27 @@ def start_run(**init_kwargs):
             wandb.teardown()  # the service may still be retrying the online run; start a fresh one
         mode = "offline"
     return wandb.init(mode=mode, **init_kwargs)
+
+
+def wandb_dir(path: str | Path | None = None) -> str:
+    """Where runs are written (default `$HARNESS_ARTIFACTS/wandb`), created, as a path relative to the working
+    directory: W&B records it in every run's metadata (`root`), where an absolute path would name this machine."""
+    from harness.paths import artifacts_dir
+
+    path = Path(path) if path is not None else artifacts_dir() / "wandb"
+    path.mkdir(parents=True, exist_ok=True)
+    return os.path.relpath(path)
+
+
+def run_settings():
+    """W&B settings for every run: its metadata names the Python executable as `portable()` does.
+
+    W&B records `sys.executable` (an absolute path of this machine) in each run's metadata;
+    the rest of that metadata (OS, Python version, CPU, GPU, memory) is kept: it is what a
+    reader comparing runs across machines wants."""
+    import wandb
+
+    return wandb.Settings(x_executable=portable(sys.executable))
 
 
 def portable(value):

@@ -18,7 +18,7 @@ SMALL_LM = {"num_hidden_layers": 2}
 def tiny_world(tmp_path_factory):
     from harness.synthetic.make import WorldSpec, make_world
 
-    return make_world(tmp_path_factory.mktemp("world") / "synth", WorldSpec(mix_size=48, benchmark_size=12))
+    return make_world(tmp_path_factory.mktemp("world") / "synth", WorldSpec(mix_size=48, benchmark_size=12, val_size=8))
 
 
 @pytest.fixture

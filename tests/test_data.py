@@ -41,12 +41,40 @@ def test_llava_json_format_and_benchmarks(tiny_world):
 
 def test_records_share_images_in_runs(tmp_path):
     """Consecutive records ask about one image; the alignment captions have one record per image."""
-    world = make_world(tmp_path / "w", WorldSpec(mix_size=10, benchmark_size=2, records_per_image=4, max_turns=2))
+    world = make_world(tmp_path / "w", WorldSpec(mix_size=10, benchmark_size=2, records_per_image=4, max_turns=2,
+                                                 val_size=0))
     records = json.loads((world / "mix.json").read_text())
     assert [r["image"] for r in records] == [f"images/{i // 4:06d}.png" for i in range(10)]
     assert sorted(p.name for p in (world / "images").iterdir()) == [f"{i:06d}.png" for i in range(3)]
     assert [r["image"] for r in json.loads((world / "align.json").read_text())] == [f"images/{i:06d}.png" for i in range(3)]
     assert {len(r["conversations"]) for r in records} <= {2, 4}
+
+
+def test_validation_split_is_held_out_and_old_worlds_get_one(tmp_path):
+    """val.json: records like the mix's on images of their own; a world made before it existed gains it in place."""
+    spec = WorldSpec(mix_size=8, benchmark_size=2, val_size=6)
+    world = make_world(tmp_path / "w", spec)
+    val = json.loads((world / "val.json").read_text())
+    mix = json.loads((world / "mix.json").read_text())
+    assert len(val) == 6 and {r["image"] for r in val} == {f"images/val-{i:06d}.png" for i in range(3)}
+    assert not {r["image"] for r in val} & {r["image"] for r in mix}
+    assert all((world / r["image"]).exists() for r in val)
+    assert {r["id"] for r in val}.isdisjoint(r["id"] for r in mix)
+    # A world of the previous version: no val.json, no val images, no val_size in its manifest.
+    before = {p.name: p.read_bytes() for p in (world / "images").iterdir() if not p.name.startswith("val-")}
+    (world / "val.json").unlink()
+    for p in (world / "images").glob("val-*"):
+        p.unlink()
+    manifest = json.loads((world / "manifest.json").read_text())
+    del manifest["spec"]["val_size"], manifest["val_size"]
+    (world / "manifest.json").write_text(json.dumps(manifest))
+    make_world(world, spec)
+    assert json.loads((world / "val.json").read_text()) == val
+    assert json.loads((world / "manifest.json").read_text())["spec"]["val_size"] == 6
+    assert {p.name: p.read_bytes() for p in (world / "images").iterdir() if not p.name.startswith("val-")} == before
+    assert json.loads((world / "mix.json").read_text()) == mix
+    with pytest.raises(HarnessError, match="different world"):  # another size is another world
+        make_world(world, WorldSpec(mix_size=8, benchmark_size=2, val_size=4))
 
 
 def test_family_weights_set_the_mix(tmp_path):

@@ -20,8 +20,9 @@ PAPER_PRESETS = ["proj-sft", "lora-sft", "full-sft", "kd-logit", "kd-hidden", "s
                  "sft+kd-logit+hidden"]
 
 
-def _fit(model, processor, world, recipe, teacher=None, removed=None, **kw):
-    dm = MixDataModule(world, processor, model.config, 1.0, recipe.batch_size, recipe.seed)
+def _fit(model, processor, world, recipe, teacher=None, removed=None, val=False, **kw):
+    dm = MixDataModule(world, processor, model.config, 1.0, recipe.batch_size, recipe.seed,
+                       val_path=world / "val.json" if val else None)
     module = RecoveryModule(model, recipe, teacher, removed)
     summary = train(module, dm, recipe, run_name="test", progress=False, **kw)
     return module, summary
@@ -141,18 +142,45 @@ class _CrashAt(pl.Callback):
 
 
 def test_resume_after_interruption_is_exact(tiny_llava, tiny_world, tmp_path):
+    """A run killed at step 3 and resumed ends with the uninterrupted run's weights, validation passes included."""
     model, processor = tiny_llava
-    recipe = get_recipe("full-sft", max_steps=6, batch_size=4, lr=3e-3, seed=5)
+    recipe = get_recipe("full-sft", max_steps=6, batch_size=4, lr=3e-3, seed=5, val_checks=3)
     straight, _ = _fit(copy.deepcopy(model), processor, tiny_world, recipe)
 
     ckpt = tmp_path / "ckpt"
     with pytest.raises(_Crash):
-        _fit(copy.deepcopy(model), processor, tiny_world, recipe, ckpt_dir=ckpt, ckpt_every=1,
+        _fit(copy.deepcopy(model), processor, tiny_world, recipe, val=True, ckpt_dir=ckpt, ckpt_every=1,
              callbacks=[_CrashAt(3)])
     assert (ckpt / "last.ckpt").exists()
-    resumed, summary = _fit(copy.deepcopy(model), processor, tiny_world, recipe, ckpt_dir=ckpt, ckpt_every=1)
-    assert summary["steps"] == 6
+    resumed, summary = _fit(copy.deepcopy(model), processor, tiny_world, recipe, val=True, ckpt_dir=ckpt, ckpt_every=1)
+    assert summary["steps"] == 6 and set(summary["val_losses"]) == {"val/ce", "val/loss"}
     for (name, a), b in zip(straight.student.state_dict().items(), resumed.student.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_validation_curves_leave_training_unchanged(saved_tiny_llava, tiny_world):
+    """Validation passes (eval mode, no gradient) change no trained weight, and training stays in train mode."""
+    from harness.models import load
+
+    class Count(pl.Callback):
+        checks, modes = [], []
+
+        def on_validation_end(self, trainer, module):
+            self.checks.append(trainer.global_step)
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.modes.append(module.student.training)
+
+    teacher = load(saved_tiny_llava, processor=False)
+    runs = []
+    for val in (False, True):  # sft+kd-hidden: LoRA dropout draws random numbers, a teacher runs in validation
+        student, processor = load(saved_tiny_llava)
+        recipe = get_recipe("sft+kd-hidden", max_steps=6, batch_size=4, lr=3e-3, val_checks=3)
+        runs.append(_fit(student, processor, tiny_world, recipe, teacher, val=val, callbacks=[Count()]))
+    assert Count.checks == [2, 4, 6] and all(Count.modes) and len(Count.modes) == 12
+    (plain, s0), (validated, s1) = runs
+    assert "val_losses" not in s0 and set(s1["val_losses"]) == {"val/ce", "val/hidden", "val/loss"}
+    for (name, a), b in zip(plain.student.state_dict().items(), validated.student.state_dict().values()):
         assert torch.equal(a, b), name
 
 
@@ -214,6 +242,7 @@ def test_recover_end_to_end_writes_an_hf_student(saved_tiny_llava, tiny_world, t
     record = recover(str(saved_tiny_llava), saved_tiny_llava, "lora-sft", tiny_world, 0.5, out,
                      overrides={"max_steps": 2, "batch_size": 4}, progress=False)
     assert record["num_samples"] == 24 and record["steps"] == 2
+    assert record["val_losses"]["val/ce"] > 0  # the world's val.json is found beside its mix
     saved = json.loads((out / "recovery.json").read_text())
     assert saved["recipe"] == "lora-sft" and saved["data_fraction"] == 0.5
     model = LlavaForConditionalGeneration.from_pretrained(out)

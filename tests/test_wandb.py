@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def read_offline_runs(wandb_dir: Path) -> list[dict]:
     wandb.teardown()  # the W&B service writes run files behind `finish()`; stopping it flushes them
     runs = []
     for f in sorted(wandb_dir.rglob("offline-run-*/run-*.wandb")):
-        run = {"dir": f.parent.name, "config": {}, "summary": {}, "history": []}
+        run = {"dir": f.parent.name, "config": {}, "summary": {}, "history": [], "environment": []}
         store = DataStore()
         store.open_for_scan(str(f))
         while (data := store.scan_data()) is not None:
@@ -50,6 +51,8 @@ def read_offline_runs(wandb_dir: Path) -> list[dict]:
             elif kind == "summary":
                 for item in record.summary.update:
                     _put(run["summary"], item)
+            elif kind == "environment":  # W&B's own metadata of the run: OS, Python, program, executable, ...
+                run["environment"].append(str(record.environment))
         runs.append(run)
     return runs
 
@@ -179,8 +182,13 @@ def test_stage_runs_hold_their_metrics(grid_runs):
                   and isinstance(v, dict) and v.get("_type") == "histogram"]
     layers = json.loads((TEACHERS_DIR / TEACHER / "config.json").read_text())["text_config"]["num_hidden_layers"]
     assert len(histograms) == layers  # one per layer
-    recover = runs[f"{CELL}/sft+kd-hidden/50%/s0: recover"]["summary"]
-    assert recover["steps"] == 2 and recover["num_samples"] > 0
+    recover = runs[f"{CELL}/sft+kd-hidden/50%/s0: recover"]
+    assert recover["summary"]["steps"] == 2 and recover["summary"]["num_samples"] > 0
+    # curves: a training point every step, a validation point at every check (val_checks over 2 steps: both)
+    steps = [(h["trainer/global_step"], k) for h in recover["history"] for k in h if k.startswith(("train/", "val/"))]
+    assert {s for s, k in steps if k == "train/loss"} == {0, 1}
+    assert sorted(s for s, k in steps if k == "val/loss") == [0, 1]  # logged at global steps 1 and 2, as 0-based
+    assert {k for _, k in steps if k.startswith("val/")} == {"val/ce", "val/hidden", "val/loss"}
 
 
 def test_no_run_carries_an_absolute_path(grid_runs):
@@ -194,6 +202,10 @@ def test_no_run_carries_an_absolute_path(grid_runs):
     for run in grid_runs["runs"]:
         carried = [run["name"], *run["tags"], *_strings(run["config"]), *_strings(run["summary"])]
         found = [s for s in carried if os.path.isabs(s) or str(grid_runs["base"]) in s or str(Path.home()) + "/" in s]
+        environment = "".join(run["environment"])
+        assert "executable" in environment and "python" in environment, run["name"]
+        found += [line for line in environment.splitlines()  # W&B's metadata: no path of this machine either
+                  if str(Path.cwd()) in line or str(grid_runs["base"]) in line or str(Path(sys.executable).parent) in line]
         assert found == [], (run["name"], found)
 
 

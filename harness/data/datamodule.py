@@ -140,10 +140,11 @@ def text_lengths(ds) -> list[int]:
 class MixDataModule(pl.LightningDataModule):
     def __init__(self, mix_path: str | Path, processor, model_config, fraction: float = 1.0,
                  batch_size: int = 32, seed: int = 0, max_length: int = 512, num_workers: int = 0,
-                 group_by_length: bool = False):
+                 group_by_length: bool = False, val_path: str | Path | None = None):
         super().__init__()
         self.mix_path = Path(mix_path)
         self.ds = load_mix(self.mix_path)
+        self.val_ds = load_mix(val_path) if val_path is not None else None
         root = self.mix_path if self.mix_path.is_dir() else self.mix_path.parent
         self.indices = fraction_indices(len(self.ds), fraction, seed)
         self.collator = Collator(processor, model_config, root, max_length)
@@ -168,3 +169,18 @@ class MixDataModule(pl.LightningDataModule):
             raise HarnessError(f"batch size {self.batch_size} is the global batch: it must divide evenly over {world} processes")
         return ResumableLoader(_Records(self.ds, self.indices), self.batch_size // world, self.collator, self.seed,
                                self.num_workers, rank=rank, world_size=world, lengths=self.lengths)
+
+    def val_dataloader(self):
+        """The whole held-out split in file order, on every process (the logged means are then the same)."""
+        if self.val_ds is None:
+            return []
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return DataLoader(_Records(self.val_ds, list(range(len(self.val_ds)))), batch_size=self.batch_size // world,
+                          collate_fn=self.collator, shuffle=False, generator=torch.Generator())
+
+
+def val_split_of(mix_path: str | Path) -> Path | None:
+    """The held-out split that goes with a mix: `val.json` in the mix's folder, if there is one."""
+    path = Path(mix_path)
+    val = (path if path.is_dir() else path.parent) / "val.json"
+    return val if val.exists() else None

@@ -18,7 +18,7 @@ from pathlib import Path
 from harness import __version__
 from harness.errors import HarnessError
 from harness.io import read_json, write_json
-from harness.paths import artifacts_dir, grid_root
+from harness.paths import grid_root
 
 
 def fingerprint(model: str) -> str:
@@ -261,16 +261,14 @@ def _log_wandb(group: str, job_type: str, config: dict, summary: dict, key: str,
     the run is named `{job_type}-{key}`. Numbers of `summary` (nested dicts flattened with `/`)
     go into the run summary, `media` (tables, histograms) is logged once.
     """
-    from harness.tracking import portable, start_run, wandb_mode
+    from harness.tracking import portable, start_run, wandb_dir, wandb_mode
 
     if wandb_mode() == "disabled":
         return
-    save_dir = artifacts_dir() / "wandb"
-    save_dir.mkdir(parents=True, exist_ok=True)
     context = context or {}
     run = start_run(project=os.environ.get("WANDB_PROJECT", "mllm-compression"), group=group, job_type=job_type,
                     name=context.get("name", f"{job_type}-{key}"), tags=context.get("tags"),
-                    config=portable({**config, **context.get("config", {})}), dir=str(save_dir),
+                    config=portable({**config, **context.get("config", {})}), dir=wandb_dir(),
                     reinit="finish_previous")
     flat = {}
     for k, v in summary.items():

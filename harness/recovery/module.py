@@ -237,6 +237,12 @@ class RecoveryModule(pl.LightningModule):
         self.log("train/tokens_per_s", self._tokens / elapsed, on_step=True)
         return losses["loss"]
 
+    def validation_step(self, batch, batch_idx):
+        """The recipe's losses on held-out records (eval mode: no dropout), averaged over the split."""
+        losses = self.compute_losses(batch)
+        self.log_dict({f"val/{k}": v for k, v in losses.items()}, on_step=False, on_epoch=True,
+                      batch_size=len(batch["labels"]), sync_dist=True)
+
     def configure_optimizers(self):
         from transformers import get_cosine_schedule_with_warmup
 

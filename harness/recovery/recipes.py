@@ -53,6 +53,9 @@ class Recipe:
     clip: float = 1.0
     adam_beta2: float = 0.999  # HF Trainer's default, as in the paper's code
     max_length: int = 512
+    # Validation passes over the data's held-out split (val.json beside the mix), evenly spaced over
+    # the run: the val/ curves. 0 turns them off; a mix with no val.json has none either way.
+    val_checks: int = 4
     # Batches of similar length (LLaVA's group_by_modality_length): far less padding on long,
     # varied conversations (the paper specs turn it on). Off by default: on the synthetic world's
     # one-question records a length-sorted batch holds one question family, which stalls learning.
@@ -88,6 +91,8 @@ class Recipe:
             raise HarnessError(f"recipe {self.name}: kd_positions must be answer or all, got {self.kd_positions!r}")
         if self.kl_reduction not in ("token_mean", "batch_sum"):
             raise HarnessError(f"recipe {self.name}: kl_reduction must be token_mean or batch_sum")
+        if not isinstance(self.val_checks, int) or self.val_checks < 0:
+            raise HarnessError(f"recipe {self.name}: val_checks must be a non-negative integer, got {self.val_checks!r}")
         if self.temperature <= 0 or self.lr <= 0 or self.batch_size < 1 or self.accumulate < 1:
             raise HarnessError(f"recipe {self.name}: temperature, lr, batch_size and accumulate must be positive")
         if self.strategy not in STRATEGIES:
@@ -143,7 +148,9 @@ PRESETS: dict[str, Recipe] = {
         Recipe("teacher-align", lr=1e-3, batch_size=64, warmup_ratio=0.05, adam_beta2=0.98),
         Recipe("teacher-full", language_model="full", lr=1e-3, batch_size=128, warmup_ratio=0.05, adam_beta2=0.98),
         # Instruction tuning on a pretrained language model (smol-llava): projector and LoRA adapters.
-        Recipe("teacher-lora", language_model="lora", lr=1e-3, batch_size=16, warmup_ratio=0.05, adam_beta2=0.98),
+        # No LoRA dropout: on CPU its Bernoulli masks were half of a 30-layer forward pass (docs/teachers.md).
+        Recipe("teacher-lora", language_model="lora", lr=1e-3, batch_size=16, warmup_ratio=0.05, adam_beta2=0.98,
+               lora_dropout=0.0),
     ]
 }
 

@@ -19,7 +19,6 @@ from pytorch_lightning.plugins import TorchCheckpointIO
 
 from harness.errors import HarnessError
 from harness.io import atomic_dir, write_json
-from harness.paths import artifacts_dir
 from harness.recovery.module import RecoveryModule, merge_lora
 from harness.recovery.recipes import Recipe, get_recipe
 
@@ -65,13 +64,11 @@ def make_logger(run_name: str, config: dict, group: str | None = None, job_type:
     """
     from pytorch_lightning.loggers import WandbLogger
 
-    from harness.tracking import portable, wandb_mode
+    from harness.tracking import portable, run_settings, wandb_dir, wandb_mode
 
-    save_dir = artifacts_dir() / "wandb"
-    save_dir.mkdir(parents=True, exist_ok=True)
     return WandbLogger(name=run_name, project=os.environ.get("WANDB_PROJECT", "mllm-compression"),
-                       save_dir=str(save_dir), mode=wandb_mode(), group=group, job_type=job_type,
-                       config=portable(config), tags=tags)
+                       save_dir=wandb_dir(), mode=wandb_mode(), group=group, job_type=job_type,
+                       config=portable(config), tags=tags, settings=run_settings())
 
 
 def train(module: RecoveryModule, datamodule, recipe: Recipe, *, run_name: str, ckpt_dir: Path | None = None,
@@ -96,8 +93,12 @@ def train(module: RecoveryModule, datamodule, recipe: Recipe, *, run_name: str, 
 
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=ckpt_every,
                                          save_top_k=0, save_weights_only=False))
+    # Validation (when the recipe asks and the data has a held-out split) every steps/val_checks batches.
+    val_checks = recipe.val_checks if getattr(datamodule, "val_ds", None) is not None else 0
+    every = max(1, steps * recipe.accumulate // val_checks) if val_checks else None
     trainer = pl.Trainer(
-        max_steps=steps, max_epochs=-1, accelerator=accelerator, devices=devices, strategy=strategy,
+        max_steps=steps, val_check_interval=every, check_val_every_n_epoch=None if every else 1,
+        limit_val_batches=1.0 if every else 0, max_epochs=-1, accelerator=accelerator, devices=devices, strategy=strategy,
         use_distributed_sampler=False,
         precision=recipe.resolved_precision,
         accumulate_grad_batches=recipe.accumulate, gradient_clip_val=recipe.clip or None,
@@ -110,7 +111,11 @@ def train(module: RecoveryModule, datamodule, recipe: Recipe, *, run_name: str, 
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume and last and last.exists() else None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
-    return {"steps": trainer.global_step, "final_losses": metrics, "wall_time_s": time.perf_counter() - t0}
+    summary = {"steps": trainer.global_step, "final_losses": metrics, "wall_time_s": time.perf_counter() - t0}
+    val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if val:
+        summary["val_losses"] = val
+    return summary
 
 
 def save_model(model, processor, out: Path, extra_files: dict[str, dict] | None = None, after=None) -> None:
@@ -137,7 +142,7 @@ def recover(teacher: str, student_dir: str | Path, recipe_name: str, data: str |
     teacher and the student's pruning method and ratios; `wandb_run` (`name`, `config`, `tags`:
     the grid's `wandb_context`) names it and adds the grid axes.
     """
-    from harness.data.datamodule import MixDataModule
+    from harness.data.datamodule import MixDataModule, val_split_of
     from harness.data.instruct import check_images
     from harness.models import load
 
@@ -166,8 +171,10 @@ def recover(teacher: str, student_dir: str | Path, recipe_name: str, data: str |
         if recipe.kl > 0 and t_model.config.text_config.vocab_size != student.config.text_config.vocab_size:
             raise HarnessError("student and teacher vocabularies differ: a logit loss needs the same vocabulary")
     dm = MixDataModule(data, processor, student.config, fraction, recipe.batch_size, recipe.seed, recipe.max_length,
-                      group_by_length=recipe.group_by_length)
+                      group_by_length=recipe.group_by_length, val_path=val_split_of(data) if recipe.val_checks else None)
     check_images(dm.ds, dm.indices, dm.collator.image_root)  # a bad image fails now, not halfway through training
+    if dm.val_ds is not None:
+        check_images(dm.val_ds, list(range(len(dm.val_ds))), dm.collator.image_root)
     module = RecoveryModule(student, recipe, t_model, pruning.get("removed_layers", []))
     run_name = (wandb_run or {}).get("name") or out.name
     pruned = {"method": pruning.get("method"), "ratio": pruning.get("ratio_requested"),

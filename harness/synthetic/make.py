@@ -5,6 +5,7 @@ LLaVA-665k or Bunny-695k):
 
     OUT/mix.json                 [{id, image, conversations: [{from, value}, ...]}, ...]
     OUT/align.json               one caption per image, for the alignment stage
+    OUT/val.json                 held-out records of the mix's distribution (recovery's validation curves)
     OUT/images/000123.png
     OUT/benchmarks/<task>.parquet  held-out splits with embedded images
     OUT/manifest.json            the generating config and the file list
@@ -14,13 +15,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.io import atomic_dir
+from harness.io import atomic_dir, write_json
 from harness.synthetic import world
 
 BENCHMARKS = ("synth_gqa", "synth_pope", "synth_mme", "synth_sqa", "synth_count", "synth_docvqa")
@@ -30,6 +32,7 @@ BENCHMARKS = ("synth_gqa", "synth_pope", "synth_mme", "synth_sqa", "synth_count"
 class WorldSpec:
     seed: int = 0
     mix_size: int = 40000  # conversations (records) in the training mix
+    val_size: int = 256  # held-out records like the mix's, on images of their own (val.json)
     benchmark_size: int = 400
     min_turns: int = 1
     max_turns: int = 1
@@ -43,6 +46,8 @@ class WorldSpec:
     def validate(self) -> None:
         if self.mix_size < 1:
             raise HarnessError(f"mix_size must be >= 1, got {self.mix_size}")
+        if self.val_size < 0:
+            raise HarnessError(f"val_size must be >= 0, got {self.val_size}")
         if self.benchmark_size < 2:
             raise HarnessError(f"benchmark_size must be >= 2, got {self.benchmark_size}")
         if not 1 <= self.min_turns <= self.max_turns:
@@ -64,16 +69,31 @@ def _png_bytes(img) -> bytes:
 
 
 def make_mix(spec: WorldSpec, out: Path) -> int:
-    rng = random.Random(f"mix-{spec.seed}")
-    (out / "images").mkdir(parents=True)
+    records, captions = _records(spec, out, spec.mix_size, random.Random(f"mix-{spec.seed}"), "")
+    (out / "mix.json").write_text(json.dumps(records, indent=0, sort_keys=True))
+    # Like LLaVA's 558k caption set: the alignment stage's data, over the same images.
+    (out / "align.json").write_text(json.dumps(captions, indent=0, sort_keys=True))
+    return len(records)
+
+
+def make_val(spec: WorldSpec, out: Path) -> int:
+    """The validation split: records drawn like the mix's from a seed stream of their own, so on other images."""
+    records, _ = _records(spec, out, spec.val_size, random.Random(f"val-{spec.seed}"), "val-")
+    (out / "val.json").write_text(json.dumps(records, indent=0, sort_keys=True))
+    return len(records)
+
+
+def _records(spec: WorldSpec, out: Path, n: int, rng: random.Random, prefix: str) -> tuple[list, list]:
+    """`n` LLaVA-format records (and one caption per image), images written under `out/images/`."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
     records, captions = [], []
-    for i in range(spec.mix_size):
+    for i in range(n):
         image_index, position = divmod(i, spec.records_per_image)  # position among its image's records
         if position == 0:
             scene = world.random_scene(rng)
-            name = f"images/{image_index:06d}.png"
+            name = f"images/{prefix}{image_index:06d}.png"
             (out / name).write_bytes(_png_bytes(world.render(scene, noise_seed=rng.getrandbits(32))))
-            captions.append({"id": f"synth-cap-{image_index:06d}", "image": name, "conversations": [
+            captions.append({"id": f"synth-{prefix}cap-{image_index:06d}", "image": name, "conversations": [
                 {"from": "human", "value": "<image>\ndescribe the image."},
                 {"from": "gpt", "value": world.caption(scene)}]})
         turns = world.training_turns(scene, rng, rng.randint(spec.min_turns, spec.max_turns), spec.family_weights)
@@ -84,11 +104,8 @@ def make_mix(spec: WorldSpec, out: Path) -> int:
         for k, (q, a) in enumerate(turns):
             conversations.append({"from": "human", "value": ("<image>\n" + q) if k == 0 else q})
             conversations.append({"from": "gpt", "value": a})
-        records.append({"id": f"synth-{i:06d}", "image": name, "conversations": conversations})
-    (out / "mix.json").write_text(json.dumps(records, indent=0, sort_keys=True))
-    # Like LLaVA's 558k caption set: the alignment stage's data, over the same images.
-    (out / "align.json").write_text(json.dumps(captions, indent=0, sort_keys=True))
-    return len(records)
+        records.append({"id": f"synth-{prefix}{i:06d}", "image": name, "conversations": conversations})
+    return records, captions
 
 
 def _benchmark_rows(task: str, spec: WorldSpec) -> list[dict]:
@@ -140,14 +157,35 @@ def make_world(out: str | Path, spec: WorldSpec = WorldSpec(), overwrite: bool =
     out = Path(out)
     if out.exists():
         manifest = out / "manifest.json"
-        if manifest.exists() and json.loads(manifest.read_text())["spec"] == asdict(spec) and not overwrite:
+        made = json.loads(manifest.read_text()) if manifest.exists() else None
+        if made and made["spec"] == asdict(spec) and not overwrite:
             return out
+        if made and "val_size" not in made["spec"] and {**made["spec"], "val_size": spec.val_size} == asdict(spec) \
+                and not overwrite:
+            return _add_val(out, spec, made)  # a world made before validation splits existed
         if not overwrite:
             raise HarnessError(f"{out} exists and holds a different world; pass --overwrite to replace it")
         shutil.rmtree(out)
     with atomic_dir(out) as tmp:
         n_mix = make_mix(spec, tmp)
+        n_val = make_val(spec, tmp)
         sizes = make_benchmarks(spec, tmp / "benchmarks")
-        manifest = {"spec": asdict(spec), "mix_size": n_mix, "benchmarks": sizes}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        manifest = {"spec": asdict(spec), "mix_size": n_mix, "val_size": n_val, "benchmarks": sizes}
+        write_json(tmp / "manifest.json", manifest)
+    return out
+
+
+def _add_val(out: Path, spec: WorldSpec, manifest: dict) -> Path:
+    """Give a world of an earlier version its validation split; every other file stays as it was.
+
+    The split's images go in first and the manifest last, so an interrupted upgrade is redone."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        n_val = make_val(spec, Path(tmp))
+        for image in sorted((Path(tmp) / "images").iterdir()):
+            os.replace(image, out / "images" / image.name)
+        os.replace(Path(tmp) / "val.json", out / "val.json")
+    manifest = {**manifest, "spec": asdict(spec), "val_size": n_val}
+    write_json(out / "manifest.json", manifest)
     return out

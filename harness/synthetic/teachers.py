@@ -42,7 +42,7 @@ from harness.synthetic.vision_pretrain import align_projector_to_words, pretrain
 # `instruct` tunes LoRA adapters on a pretrained language model.
 STAGES = {"vision": dict(steps=1000), "align": dict(max_steps=100), "full": dict(epochs=10.0),
           "grow": dict(layers=2, mode="split"), "deep": dict(epochs=6.0, lr=5e-4),
-          "words": dict(steps=300), "instruct": dict(max_steps=400)}
+          "words": dict(steps=300), "instruct": dict(max_steps=1600)}
 GROWN = ("vision", "align", "full", "grow", "deep")
 # Each teacher's stages, in order.
 PLANS = {"tiny-llava": GROWN, "tiny-bunny": GROWN, "smol-llava": ("vision", "words", "align", "instruct")}
