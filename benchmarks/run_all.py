@@ -51,6 +51,7 @@ BENCHMARKS = [
     ("eval_plugin", "bench_eval_plugin.py", []),
     ("prune_reuse", "bench_prune_reuse.py", []),
     ("recovery_loop", "bench_recovery_loop.py", []),
+    ("training", "bench_training.py", []),
     ("importance_memory", "bench_importance_memory.py", []),
     ("inference", "bench_inference.py", ["--model", "mid"]),
     ("inference_smol", "bench_inference.py", ["--model", "smol"]),
