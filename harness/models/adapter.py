@@ -35,10 +35,24 @@ FAMILIES = {
 }
 
 
+# The multimodal classes whose module layout the adapter knows (config `model_type` -> class). LLaVA-1.5,
+# Bunny after `harness convert bunny` and every embedded teacher are `LlavaForConditionalGeneration`.
+MLLM_CLASSES = {"llava": "LlavaForConditionalGeneration"}
+
+
+def check_mllm(model_type: str, where: object) -> None:
+    """One clear error for a multimodal family the harness does not know (before transformers fails deep inside)."""
+    if model_type not in MLLM_CLASSES:
+        known = ", ".join(f"{t} ({c})" for t, c in MLLM_CLASSES.items())
+        raise HarnessError(f"{where} is a {model_type!r} model; supported multimodal families: {known} "
+                           f"(adding one: docs/design.md)")
+
+
 class LMAdapter:
     """Uniform view of the language model inside a `LlavaForConditionalGeneration`."""
 
     def __init__(self, model: nn.Module):
+        check_mllm(model.config.model_type, type(model).__name__)
         self.model = model
         self.config = model.config.text_config
         self.family_name = self.config.model_type

@@ -9,6 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from harness.errors import HarnessError
+from harness.models.adapter import check_mllm
 from harness.models.build import resize_to_widths
 from harness.paths import TEACHERS_DIR
 
@@ -51,6 +52,7 @@ def check_checkpoint(path: Path) -> dict:
         raise HarnessError(f"{cfg_file} is not valid JSON: {e}") from None
     if "vision_config" not in cfg or "text_config" not in cfg:
         raise HarnessError(f"{path} is not a multimodal (LLaVA-style) checkpoint: config has no vision/text config")
+    check_mllm(cfg.get("model_type"), path)
     if not any(path.glob("*.safetensors")):
         raise HarnessError(f"{path} has no safetensors weights")
     if not any((path / f).exists() for f in PROCESSOR_FILES):
