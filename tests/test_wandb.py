@@ -92,6 +92,9 @@ def grid_runs(tmp_path_factory, tiny_world):
            "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": str(base / "wandb-config"),
            "WANDB_CACHE_DIR": str(base / "wandb-cache"), "WANDB_DATA_DIR": str(base / "wandb-data")}
     (base / "cwd").mkdir()
+    import wandb
+
+    wandb.teardown()  # a W&B service an earlier test started (with its own environment) must not serve these runs
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
