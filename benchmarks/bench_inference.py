@@ -34,8 +34,8 @@ Method: all models live in one process; after one warm-up round, each round time
 once, in an order rotated every round, so slow phases of a contended machine hit all models
 alike. Per round, speedup = baseline time / pruned time of that round (paired), and
 efficiency = speedup / ideal speedup; a point's figure is the median over rounds with its
-spread (the order-statistic interval of the median, `_common.figure`: with the default 8 rounds
-the second lowest..second highest round; 5 rounds for the costly prefill at batch 8: min..max),
+spread (the order-statistic interval of the median, `_common.figure`: with the default 6 rounds,
+and 5 for the costly prefill at batch 8, the lowest..highest round),
 and a verdict only where the spread lies on one side of the goal. Two clocks are read around
 every call: the process's CPU time (the headline: with one thread all the work runs on the
 calling thread, so it is what the work costs on a core, without the time the OS gives other
@@ -51,12 +51,12 @@ Diagnostics, to explain what falls short (each point that does not meet its goal
 note built from them): width-pruned variants without rounding (`--compare-round-to 1`) and,
 on grouped-query models, with `attn_unit query` (`--compare-attn-unit`), at `--compare-ratios`;
 one layer's MLP GEMMs at the width each round_to gives (`round_to_sweep`); in the
-`--decompose` modes (decode, batch 1 and 8) the LM's linear layers alone, timed in the same
+`--decompose` modes (default: decode at batch 1, where per-call costs show) the LM's linear layers alone, timed in the same
 rounds, which splits each model's time into the part MACs describe and the rest; and a fit of
 time against the number of layers over the layer-pruned models (`layer_fit`).
 
     .venv/bin/python benchmarks/bench_inference.py [--model mid|smol] [--json results/bench/inference.json]
-        [--threads 1] [--rounds 8] [--prompt 128] [--steps 16] [--round-to 64] [--ratios 0.15,0.3,0.45]
+        [--threads 1] [--rounds 6] [--prompt 128] [--steps 16] [--round-to 64] [--ratios 0.15,0.3,0.45]
         [--modes prefill:1,prefill:8,decode:1,decode:8] [--layers N] [--quick]
 
 `--quick`: a 4-layer copy of the model, one ratio, a 16-token prompt, 2 decode steps, one round
@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--layers", type=int, default=None, help="smol: keep only the first N decoder layers")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (fixed for the whole run)")
-    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds per mode (5 for prefill batch 8)")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds per mode (5 for prefill batch 8)")
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill length, decode context)")
     parser.add_argument("--steps", type=int, default=16, help="decode steps per repetition")
     parser.add_argument("--ratios", default="0.15,0.3,0.45")
@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compare-ratios", default=None, help="ratios of the comparison variants (default 0.3)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the MLP GEMM sweep over round_to values")
     parser.add_argument("--modes", default="prefill:1,prefill:8,decode:1,decode:8", help="MODE:BATCH list")
-    parser.add_argument("--decompose", default="decode:1,decode:8",
+    parser.add_argument("--decompose", default="decode:1",
                         help="MODE:BATCH list where the linear layers are also timed alone ('' for none)")
     parser.add_argument("--quick", action="store_true", help="4-layer model, one ratio, one round: a smoke run")
     args = parser.parse_args(argv)

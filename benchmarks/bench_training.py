@@ -10,11 +10,13 @@ formed within the round (`_common.figure`):
 - `full_logits`: the LM head over every position, as `model(**batch).loss` computes it, against
   `bare`'s answer-only head (the LM head only where labels are set): the saving of answer-only logits;
 - `no_dropout`: `lora_dropout=0` (the teacher recipe's setting) against `bare`'s 0.05 (the paper's):
-  on CPU LoRA dropout's Bernoulli masks are a large part of a step.
+  on CPU LoRA dropout's Bernoulli masks are a large part of a step (not in the default
+  `--contenders`: measured once, docs/performance.md).
 
 It also states tokens/s of `bare` (real, unpadded tokens) and the process's peak resident memory.
 
-    .venv/bin/python benchmarks/bench_training.py [--rounds 5] [--steps 2] [--batch 8] [--quick]
+    .venv/bin/python benchmarks/bench_training.py [--rounds 5] [--steps 3] [--batch 8]
+        [--contenders bare,lightning,full_logits,no_dropout] [--quick]
         [--json results/bench/training.json]
 
 `--quick`: a 2-layer copy of the model, batch 2, 1 step, 1 round (a smoke run: figures mean nothing).
@@ -99,30 +101,37 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None, help="write the result here")
     parser.add_argument("--rounds", type=int, default=5, help="rounds; each runs every contender once")
-    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per contender and round")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per contender and round")
+    parser.add_argument("--contenders", default="bare,lightning,full_logits",
+                        help=f"comma list of {', '.join(CONTENDERS)} (bare is always run: every ratio is against it)")
     parser.add_argument("--batch", type=int, default=8, help="records per step")
     parser.add_argument("--quick", action="store_true", help="2 decoder layers, batch 2, 1 step, 1 round")
     args = parser.parse_args(argv)
     layers, steps, batch, rounds = (2, 1, 2, 1) if args.quick else (None, args.steps, args.batch, args.rounds)
     torch.manual_seed(0)
-    rates: dict[str, list[float]] = {c: [] for c in CONTENDERS}
+    chosen = ["bare", *(c for c in args.contenders.split(",") if c.strip() and c != "bare")]
+    unknown = sorted(set(chosen) - set(CONTENDERS))
+    if unknown:
+        parser.error(f"unknown contender(s): {', '.join(unknown)}; known: {', '.join(CONTENDERS)}")
+    rates: dict[str, list[float]] = {c: [] for c in chosen}
     tokens = 0
     built = build(layers)
     with tempfile.TemporaryDirectory() as tmp:
         world = make_world(Path(tmp) / "w", WorldSpec(mix_size=max(steps * batch, 8), benchmark_size=2, val_size=0))
         for r in range(rounds):
-            for k in range(len(CONTENDERS)):
-                name = CONTENDERS[(r + k) % len(CONTENDERS)]
+            for k in range(len(chosen)):
+                name = chosen[(r + k) % len(chosen)]
                 rate, n = run(name, built, world, steps, batch)
                 rates[name].append(rate)
                 tokens = n or tokens
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    figures = {
-        "lightning_over_bare_steps_per_s": figure(paired_ratios(rates["lightning"], rates["bare"]), ">= 0.95"),
-        "answer_only_over_full_logits_steps_per_s": figure(paired_ratios(rates["bare"], rates["full_logits"]),
-                                                            "information: > 1, answer-only logits are faster"),
-        "no_dropout_over_dropout_steps_per_s": figure(paired_ratios(rates["no_dropout"], rates["bare"]),
-                                                       "information: > 1, LoRA dropout costs that much"),
+    against_bare = {"lightning": ("lightning_over_bare_steps_per_s", ">= 0.95"),
+                    "full_logits": ("answer_only_over_full_logits_steps_per_s",
+                                    "information: > 1, answer-only logits are faster"),
+                    "no_dropout": ("no_dropout_over_dropout_steps_per_s", "information: > 1, LoRA dropout costs that much")}
+    figures = {key: figure(paired_ratios(*((rates["bare"], rates[c]) if c == "full_logits" else (rates[c], rates["bare"]))),
+                           goal) for c, (key, goal) in against_bare.items() if c in rates}
+    figures |= {
         "bare_tokens_per_s": figure([tokens / steps * r for r in rates["bare"]], "information: real tokens per second"),
         "peak_rss_gb": figure(peak_gb, "information: the process's peak resident memory", exact=True),
     }

@@ -12,13 +12,14 @@ Every benchmark runs with one thread (OMP_NUM_THREADS=MKL_NUM_THREADS=1 unless a
 scripts also call torch.set_num_threads themselves): on a small machine shared with other jobs,
 that is the reproducible setting.
 
-    .venv/bin/python benchmarks/run_all.py [--only inference,prune_reuse] [--timeout 1800]
+    .venv/bin/python benchmarks/run_all.py [--all | --only inference,prune_reuse] [--timeout 1800]
     .venv/bin/python benchmarks/run_all.py --quick [--out DIR] [--in-process]
 
-`--quick` passes `--quick` to every script (tiny sizes, one repeat: seconds each; the figures
-mean nothing, every verdict is inconclusive) and writes to a temporary folder unless `--out`
-is given: a smoke test that every benchmark still runs (tests/test_benchmarks.py). `--in-process`
-runs each script's `main()` inside this process instead of a subprocess (torch is imported once:
+`--all` adds the extra benchmarks (`EXTRA`: `make bench-all`). `--quick` passes `--quick` to
+every script, extras included (tiny sizes, one repeat: seconds each; the figures mean nothing,
+every verdict is inconclusive) and writes to a temporary folder unless `--out` is given: a
+smoke test that every benchmark still runs (tests/test_benchmarks.py). `--in-process` runs
+each script's `main()` inside this process instead of a subprocess (torch is imported once:
 what keeps the quick test short; no per-benchmark timeout then).
 """
 
@@ -45,17 +46,26 @@ sys.path.insert(0, str(HERE))
 
 from _common import figure  # noqa: E402
 
-# (name, script, extra arguments), cheapest first
+# (name, script, extra arguments), cheapest first. `make bench`: the performance goals, measured on the
+# real weights of SmolLM2-135M where a model is timed (about 20 min on 2 cores).
 BENCHMARKS = [
     ("grid_overhead", "bench_grid_overhead.py", []),
     ("eval_plugin", "bench_eval_plugin.py", []),
     ("prune_reuse", "bench_prune_reuse.py", []),
-    ("recovery_loop", "bench_recovery_loop.py", []),
+    ("prune_reuse_smol", "bench_prune_reuse.py", ["--model", "smol-llava", "--one-call-only"]),
     ("training", "bench_training.py", []),
+    ("inference_smol", "bench_inference.py", ["--model", "smol", "--compare-round-to", "", "--compare-attn-unit", ""]),
+]
+# `make bench-all` adds these (about 20 min more): the same goals on a random-weight mid-size model and on
+# tiny-llava, the memory estimate's accuracy, and smol's comparison variants (no rounding, query-head units).
+EXTRA = [
+    ("recovery_loop", "bench_recovery_loop.py", []),
     ("importance_memory", "bench_importance_memory.py", []),
     ("inference", "bench_inference.py", ["--model", "mid"]),
-    ("inference_smol", "bench_inference.py", ["--model", "smol"]),
+    ("inference_smol_variants", "bench_inference.py", ["--model", "smol", "--modes", "prefill:8,decode:1",
+                                                       "--ratios", "0.3", "--no-sweep"]),
 ]
+ALL = BENCHMARKS + EXTRA
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -156,14 +166,16 @@ def table(results: list[dict]) -> tuple[str, list[dict]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=None, help="comma list of benchmark names")
+    parser.add_argument("--all", action="store_true", help="also the extra benchmarks (`make bench-all`)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per benchmark (subprocesses)")
     parser.add_argument("--quick", action="store_true", help="every benchmark in its seconds-long smoke mode")
     parser.add_argument("--out", type=Path, default=None,
                         help="folder of the JSON results (default results/bench; with --quick a temporary folder)")
     parser.add_argument("--in-process", action="store_true", help="run each script's main() in this process")
     args = parser.parse_args(argv)
-    chosen = args.only.split(",") if args.only else [name for name, _, _ in BENCHMARKS]
-    unknown = set(chosen) - {name for name, _, _ in BENCHMARKS}
+    listed = ALL if args.all or args.quick or args.only else BENCHMARKS
+    chosen = args.only.split(",") if args.only else [name for name, _, _ in listed]
+    unknown = set(chosen) - {name for name, _, _ in ALL}
     if unknown:
         print(f"unknown benchmark(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
@@ -176,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault(var, value)
     results = []
     start = time.perf_counter()
-    for name, script, extra in BENCHMARKS:
+    for name, script, extra in ALL:
         if name not in chosen:
             continue
         print(f"== {name} ({script}{' ' + ' '.join(extra) if extra else ''}{' --quick' if args.quick else ''})",
@@ -191,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"rows": rows, "seconds": {r["benchmark"]: round(r["seconds"], 1) for r in results},
                "total_s": round(total, 1), "machine": machine, "quick": args.quick,
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if set(chosen) == {name for name, _, _ in BENCHMARKS}:
+    if set(chosen) >= {name for name, _, _ in BENCHMARKS}:  # the default set (or more): the summary
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     load = machine.get("load_average_1_5_15", "?")
     print(f"\nmachine: {machine.get('cpu_model', '?')}, {machine.get('cpu_cores', '?')} cores, load average {load} "

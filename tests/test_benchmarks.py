@@ -154,7 +154,7 @@ def test_run_all_table_shows_value_spread_and_verdict():
 
 
 def test_every_bench_script_is_in_run_all():
-    assert {script for _, script, _ in run_all.BENCHMARKS} == {p.name for p in BENCH.glob("bench_*.py")}
+    assert {script for _, script, _ in run_all.ALL} == {p.name for p in BENCH.glob("bench_*.py")}
 
 
 def test_run_all_runs_a_benchmark_as_a_subprocess(tmp_path):
@@ -185,9 +185,9 @@ def test_every_benchmark_runs_in_quick_mode(tmp_path):
     logs = "\n".join(p.read_text()[-3000:] for p in sorted((tmp_path / "logs").glob("*.log")))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["quick"] and set(summary["seconds"]) == {name for name, _, _ in run_all.BENCHMARKS}
+    assert summary["quick"] and set(summary["seconds"]) == {name for name, _, _ in run_all.ALL}
     by_status = {}
-    for name, _, _ in run_all.BENCHMARKS:
+    for name, _, _ in run_all.ALL:
         result = json.loads((tmp_path / f"{name}.json").read_text())
         by_status[name] = result["status"]
         if result["status"] == "ok":

@@ -11,6 +11,7 @@ import hashlib
 import json
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from harness.errors import HarnessError
@@ -198,7 +199,7 @@ def test_teacher_parts_assemble_byte_exact_and_a_different_base_is_refused(smol_
         return model, processor
 
     monkeypatch.setattr(teachers, "build_embedded", truncated)
-    stages = teachers.stage_settings({"vision.steps": 2, "vision.batch_size": 8, "align.max_steps": 1,
+    stages = teachers.stage_settings({"vision.steps": 2, "vision.batch_size": 8, "words.steps": 2, "align.max_steps": 1,
                                       "align.batch_size": 4, "instruct.max_steps": 2, "instruct.batch_size": 4},
                                      "smol-llava")
     out = tmp_path / "smol-llava"
@@ -220,6 +221,51 @@ def test_teacher_parts_assemble_byte_exact_and_a_different_base_is_refused(smol_
         teachers.build_teacher("smol-llava", out, force=True)
     assert (out / "model.safetensors").read_bytes() == trained
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written sibling left
+
+
+def test_interrupted_teacher_training_resumes_to_the_same_weights(smol_dir, smol_world, tmp_path, monkeypatch):
+    """A teacher run killed during instruction tuning, started again, restores the finished stages from their
+    checkpoints, resumes the interrupted one, and writes the uninterrupted run's weights byte for byte; a
+    leftover checkpoint of other settings is refused."""
+    from harness.synthetic import teachers
+    from harness.synthetic.models import EMBEDDED, build_on_base
+
+    monkeypatch.setattr(teachers, "build_embedded", lambda name, seed=0, scale=None: build_on_base(
+        EMBEDDED[name], seed=seed, layers=2, base_dir=smol_dir))
+    stages = teachers.stage_settings({"vision.steps": 2, "vision.batch_size": 8, "words.steps": 2, "align.max_steps": 2,
+                                      "align.batch_size": 4, "instruct.max_steps": 4, "instruct.batch_size": 4},
+                                     "smol-llava")
+    teachers.train_teacher("smol-llava", smol_world, tmp_path / "whole", stages=stages, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    class KillAt(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 2 and trainer.max_steps == 4:
+                raise Killed
+
+    real_train = teachers.train
+    kill = {"on": True}
+
+    def train(*args, **kwargs):  # checkpoint every step; the first run dies after step 2 of 4 of `instruct`
+        return real_train(*args, **{**kwargs, "ckpt_every": 1, "callbacks": [KillAt()] if kill["on"] else []})
+
+    monkeypatch.setattr(teachers, "train", train)
+    out = tmp_path / "resumed"
+    with pytest.raises(Killed):
+        teachers.train_teacher("smol-llava", smol_world, out, stages=stages, progress=False)
+    ckpt = tmp_path / ".resumed.ckpt"
+    assert (ckpt / "align" / "last.ckpt").exists() and (ckpt / "instruct" / "last.ckpt").exists() and not out.exists()
+    other = {**stages, "instruct": {**stages["instruct"], "max_steps": 5}}
+    with pytest.raises(HarnessError, match="other settings"):
+        teachers.train_teacher("smol-llava", smol_world, out, stages=other, progress=False)
+    kill["on"] = False
+    summary = teachers.train_teacher("smol-llava", smol_world, out, stages=stages, progress=False)
+    assert summary["stages"]["align"]["resumed"] and summary["stages"]["instruct"]["resumed"]
+    assert summary["stages"]["instruct"]["steps"] == 4
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert not ckpt.exists()
 
 
 def test_each_cell_is_aligned_to_the_words_that_tell_it_apart():

@@ -74,11 +74,13 @@ def make_logger(run_name: str, config: dict, group: str | None = None, job_type:
 def train(module: RecoveryModule, datamodule, recipe: Recipe, *, run_name: str, ckpt_dir: Path | None = None,
           resume: bool = True, logger=None, devices: int | None = None, strategy: str | None = None,
           progress: bool = True, ckpt_every: int = 50, callbacks: list | None = None,
-          accelerator: str = "auto") -> dict:
+          accelerator: str = "auto", save_final: bool = False) -> dict:
     """Fit and return a summary (steps, final losses, wall time).
 
     `devices` and `strategy` default to the recipe's. The datamodule splits every
     global batch over the processes itself, hence `use_distributed_sampler=False`.
+    With `ckpt_dir`, a checkpoint is written every `ckpt_every` steps (and at the end with
+    `save_final`) and a run finds its `last.ckpt` there to resume from (`resume`).
     """
     devices = recipe.devices if devices is None else devices
     strategy = recipe.strategy if strategy is None else strategy
@@ -109,9 +111,14 @@ def train(module: RecoveryModule, datamodule, recipe: Recipe, *, run_name: str, 
     )
     last = ckpt_dir / "last.ckpt" if ckpt_dir is not None else None
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume and last and last.exists() else None)
+    resumed = resume and last is not None and last.exists()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resumed else None)
+    if save_final and last is not None:
+        trainer.save_checkpoint(last)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
     summary = {"steps": trainer.global_step, "final_losses": metrics, "wall_time_s": time.perf_counter() - t0}
+    if resumed:
+        summary["resumed"] = True
     val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if val:
         summary["val_losses"] = val

@@ -22,6 +22,8 @@ assembles the checkpoint from the base model and the parts, byte for byte what t
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,8 +132,17 @@ def stage_settings(overrides: dict | None = None, name: str = "tiny-llava") -> d
 
 def train_teacher(name: str, data: str | Path, out: str | Path, seed: int = 0, stages: dict | None = None,
                   progress: bool = True) -> dict:
+    """Train teacher `name` on the world at `data` and save it to `out`.
+
+    Training stages checkpoint into `.{out}.ckpt/<stage>/` (every 50 steps and at the stage's
+    end), so an interrupted run started again with the same settings resumes where it stopped,
+    to the same weights: stage 0 and the word alignment are recomputed (deterministic, minutes),
+    finished stages are restored from their final checkpoint and the interrupted one resumes
+    mid-way. The folder is removed once the teacher is saved."""
     plan = plan_of(name)
     stages = stages or stage_settings(name=name)
+    ckpt_root = _checkpoint_root(Path(out), {"model": name, "seed": seed, "settings": stages,
+                                             "data": str(Path(data))})
     scale = None
     if "grow" in plan:
         depth = EMBEDDED[name].text.get("num_hidden_layers", 12)
@@ -166,7 +177,7 @@ def train_teacher(name: str, data: str | Path, out: str | Path, seed: int = 0, s
         logger = make_logger(f"teacher-{name}-{stage}", {"recipe": recipe.__dict__, "model": name},
                              group="teachers", job_type="teacher")
         summary["stages"][stage] = train(module, dm, recipe, run_name=f"{name}-{stage}", logger=logger,
-                                         progress=progress)
+                                         progress=progress, ckpt_dir=ckpt_root / stage, save_final=True)
         logger.experiment.finish()
         model = module.student
         if recipe.language_model == "lora":
@@ -178,7 +189,19 @@ def train_teacher(name: str, data: str | Path, out: str | Path, seed: int = 0, s
         _save_with_parts(model, processor, Path(out), summary)
     else:
         save_model(model, processor, Path(out), {"teacher.json": summary})
+    shutil.rmtree(ckpt_root, ignore_errors=True)
     return summary
+
+
+def _checkpoint_root(out: Path, run: dict) -> Path:
+    """`.{out}.ckpt` beside `out`, made for this run; one left by a run with other settings is an error."""
+    root = out.parent / f".{out.name}.ckpt"
+    record = root / "run.json"
+    if record.exists() and read_json(record) != json.loads(json.dumps(run)):
+        raise HarnessError(f"{root} holds checkpoints of a teacher run with other settings; remove it to start over")
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(record, run)
+    return root
 
 
 HELDOUT_TEXT = Path(__file__).parent / "text" / "heldout.txt"
