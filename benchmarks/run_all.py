@@ -5,7 +5,8 @@ goals, machine description and details); its full output goes to artifacts/bench
 The table at the end lists every figure: the median of its interleaved repeats, the spread
 (the order-statistic interval of the median, see `_common.py`), the number of repeats, the
 verdict (meets / MISSES / inconclusive when the spread straddles the goal or the repeats are too
-few / info) and the goal; `results/bench/summary.json` holds the same rows. A benchmark that cannot
+few / info) and the goal; `results/bench/summary.json` holds the same rows (`--only` re-runs some
+benchmarks and replaces their rows there). A benchmark that cannot
 run here (a missing optional dependency, no grid run yet) reports itself as skipped, with its
 reason, and does not fail the run; one that crashes does.
 Every benchmark runs with one thread (OMP_NUM_THREADS=MKL_NUM_THREADS=1 unless already set; the
@@ -203,8 +204,19 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"rows": rows, "seconds": {r["benchmark"]: round(r["seconds"], 1) for r in results},
                "total_s": round(total, 1), "machine": machine, "quick": args.quick,
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    summary_file = out_dir / "summary.json"
     if set(chosen) >= {name for name, _, _ in BENCHMARKS}:  # the default set (or more): the summary
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        summary_file.write_text(json.dumps(summary, indent=1) + "\n")
+    elif summary_file.exists() and not args.quick:  # a re-run of some: their rows and times replace the old ones
+        old = json.loads(summary_file.read_text())
+        rerun = {r["benchmark"] for r in results}
+        order = {name: i for i, (name, _, _) in enumerate(ALL)}
+        old["rows"] = sorted([r for r in old["rows"] if r["benchmark"] not in rerun] + rows,
+                             key=lambda r: order.get(r["benchmark"], len(order)))  # stable: a benchmark's rows stay in order
+        old["seconds"] = {**old["seconds"], **summary["seconds"]}
+        old["total_s"] = round(sum(old["seconds"].values()), 1)
+        old["rerun"] = {**old.get("rerun", {}), **{name: summary["finished"] for name in sorted(rerun)}}
+        summary_file.write_text(json.dumps(old, indent=1) + "\n")
     load = machine.get("load_average_1_5_15", "?")
     print(f"\nmachine: {machine.get('cpu_model', '?')}, {machine.get('cpu_cores', '?')} cores, load average {load} "
           f"(1/5/15 min, at the first benchmark's end); total {total / 60:.1f} min; results in {out_dir}, "

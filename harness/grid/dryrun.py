@@ -16,6 +16,7 @@ image tokens) are listed at the end instead of stopping the report.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from harness.errors import HarnessError
@@ -25,9 +26,8 @@ GB = 10**9
 
 
 def teacher_config(teacher: str):
-    """(LlavaConfig, where it came from) without touching the hub or any weights."""
-    from transformers import LlavaConfig
-
+    """(multimodal config, where it came from) without touching the hub or any weights."""
+    from harness.models.adapter import mllm_config
     from harness.models.real import find_real_config, known_names, real_config
     from harness.synthetic.models import EMBEDDED
 
@@ -38,9 +38,9 @@ def teacher_config(teacher: str):
     local = Path(teacher) / "config.json"
     if local.is_file():
         try:
-            return LlavaConfig.from_pretrained(Path(teacher)), f"{local}"
-        except (OSError, ValueError) as e:
-            raise HarnessError(f"{local}: not a readable LLaVA config: {str(e).splitlines()[0]}") from None
+            return mllm_config(json.loads(local.read_text())), f"{local}"
+        except (OSError, ValueError, TypeError) as e:
+            raise HarnessError(f"{local}: not a readable multimodal config: {str(e).splitlines()[0]}") from None
     shipped = find_real_config(teacher)
     if shipped is not None:
         return real_config(teacher), f"shipped config harness/models/configs/{shipped.name}"

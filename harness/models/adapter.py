@@ -35,25 +35,64 @@ FAMILIES = {
 }
 
 
-# The multimodal classes whose module layout the adapter knows (config `model_type` -> class). LLaVA-1.5,
+@dataclass(frozen=True)
+class Layout:
+    """One multimodal class: its transformers name and where it keeps its parts (attribute paths)."""
+
+    cls: str
+    decoder: str = "model.language_model"  # the language model's base decoder (layers, final norm)
+    vision_tower: str = "model.vision_tower"
+    projector: str = "model.multi_modal_projector"
+
+
+# The multimodal classes whose module layout the adapter knows (config `model_type` -> layout). LLaVA-1.5,
 # Bunny after `harness convert bunny` and every embedded teacher are `LlavaForConditionalGeneration`.
-MLLM_CLASSES = {"llava": "LlavaForConditionalGeneration"}
+MLLM_CLASSES = {
+    "llava": Layout("LlavaForConditionalGeneration"),
+    "llava_onevision": Layout("LlavaOnevisionForConditionalGeneration"),  # SigLIP + Qwen2
+    "internvl": Layout("InternVLForConditionalGeneration"),  # InternViT + Qwen2 / Llama
+}
 
 
 def check_mllm(model_type: str, where: object) -> None:
     """One clear error for a multimodal family the harness does not know (before transformers fails deep inside)."""
     if model_type not in MLLM_CLASSES:
-        known = ", ".join(f"{t} ({c})" for t, c in MLLM_CLASSES.items())
+        known = ", ".join(f"{t} ({layout.cls})" for t, layout in MLLM_CLASSES.items())
         raise HarnessError(f"{where} is a {model_type!r} model; supported multimodal families: {known} "
                            f"(adding one: docs/design.md)")
 
 
+def mllm_class(model_type: str) -> type:
+    """The transformers class of a multimodal `model_type` (checked)."""
+    import transformers
+
+    check_mllm(model_type, "this checkpoint")
+    return getattr(transformers, MLLM_CLASSES[model_type].cls)
+
+
+def mllm_config(config: dict):
+    """A config object from a multimodal config dict, of the class its `model_type` names.
+
+    `Cls(**d)` is `Cls.from_dict(d)` without the log line that serialises the whole config."""
+    from transformers import CONFIG_MAPPING
+
+    check_mllm(config.get("model_type"), "this config")
+    return CONFIG_MAPPING[config["model_type"]](**config)
+
+
+def _attr(root: nn.Module, path: str) -> nn.Module:
+    for name in path.split("."):
+        root = getattr(root, name)
+    return root
+
+
 class LMAdapter:
-    """Uniform view of the language model inside a `LlavaForConditionalGeneration`."""
+    """Uniform view of the language model inside a multimodal model of a known layout (`MLLM_CLASSES`)."""
 
     def __init__(self, model: nn.Module):
         check_mllm(model.config.model_type, type(model).__name__)
         self.model = model
+        self.layout = MLLM_CLASSES[model.config.model_type]
         self.config = model.config.text_config
         self.family_name = self.config.model_type
         if self.family_name not in FAMILIES:
@@ -65,7 +104,7 @@ class LMAdapter:
     @property
     def decoder(self) -> nn.Module:
         """The base decoder (embeddings, layers, final norm), without the LM head."""
-        return self.model.model.language_model
+        return _attr(self.model, self.layout.decoder)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -81,11 +120,11 @@ class LMAdapter:
 
     @property
     def projector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
+        return _attr(self.model, self.layout.projector)
 
     @property
     def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
+        return _attr(self.model, self.layout.vision_tower)
 
     def attn(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.family.attn)
@@ -100,6 +139,12 @@ class LMAdapter:
     def mlp_linears(self, layer: nn.Module) -> tuple[list[nn.Linear], nn.Linear]:
         m = self.mlp(layer)
         return [getattr(m, n) for n in self.family.mlp_in], getattr(m, self.family.mlp_out)
+
+    @property
+    def lora_target(self) -> str:
+        """peft `target_modules` regex: every decoder linear, in the layers of this layout's decoder only."""
+        decoder = self.layout.decoder.split(".")[-1]
+        return rf".*{decoder}\.layers\.\d+\..*\.({'|'.join(self.linear_names)})$"
 
     @property
     def linear_names(self) -> list[str]:

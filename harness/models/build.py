@@ -1,4 +1,4 @@
-"""Building `LlavaForConditionalGeneration` models from configs, including pruned ones with per-layer widths.
+"""Building multimodal models (any of `MLLM_CLASSES`) from configs, including pruned ones with per-layer widths.
 
 Pruned configs stay standard wherever possible: uniform widths and layer removal are plain
 transformers fields. Widths that differ between layers are listed under
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from harness.errors import HarnessError
-from harness.models.adapter import LMAdapter
+from harness.models.adapter import LMAdapter, mllm_class
 
 # Text-config key holding per-layer widths when they differ between layers:
 # a list of {"heads", "kv_heads", "intermediate"}, one per decoder layer.
@@ -25,12 +25,11 @@ WIDTHS_KEY = "pruned_widths"
 
 
 def build_model(config, dtype: torch.dtype, device: torch.device | str = "cpu") -> nn.Module:
-    """An uninitialised `LlavaForConditionalGeneration` with the (possibly per-layer) widths of `config`."""
-    from transformers import LlavaForConditionalGeneration
+    """An uninitialised model of `config`'s multimodal class with its (possibly per-layer) widths."""
     from transformers.initialization import no_init_weights
 
     with torch.device(device), no_init_weights():
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+        model = mllm_class(config.model_type)._from_config(config, dtype=dtype)
     resize_to_widths(model)
     model.tie_weights()  # skipped under no_init_weights: a tied LM head must stay the embedding matrix
     return model
@@ -43,14 +42,13 @@ def empty_model(config, dtype: torch.dtype, device: torch.device | str = "cpu") 
     `inv_freq` are in no state dict, so their values must come from the constructors.
     Weights are not tied: call `tie_weights` after assigning.
     """
-    from transformers import LlavaForConditionalGeneration
     from transformers.initialization import no_init_weights
 
     device = torch.device(device)
     # A torch.device context intercepts every torch call; CPU is the default anyway.
     placement = device if device.type != "cpu" else contextlib.nullcontext()
     with placement, no_init_weights(), _parameters_on_meta():
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+        model = mllm_class(config.model_type)._from_config(config, dtype=dtype)
         resize_to_widths(model)
     return model
 

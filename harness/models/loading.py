@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from harness.errors import HarnessError
-from harness.models.adapter import check_mllm
+from harness.models.adapter import check_mllm, mllm_class
 from harness.models.build import resize_to_widths
 from harness.paths import TEACHERS_DIR
 
@@ -72,18 +72,18 @@ def load(spec: str | Path, dtype=None, device: str | None = None, processor: boo
     """Return (model, processor) in eval mode. dtype and device are the caller's choice."""
     import torch
     from safetensors import SafetensorError
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoProcessor
 
     where = resolve(spec)
-    if isinstance(where, Path):
-        check_checkpoint(where)
+    model_type = check_checkpoint(where)["model_type"] if isinstance(where, Path) else None
     dtype = dtype or torch.float32
     try:
         if isinstance(where, Path) and (where / "pruning.json").exists():
             model = load_pruned(where, dtype=dtype)
         else:
-            model, report = LlavaForConditionalGeneration.from_pretrained(where, dtype=dtype, use_safetensors=True,
-                                                                          output_loading_info=True)
+            model_type = model_type or AutoConfig.from_pretrained(where).model_type
+            model, report = mllm_class(model_type).from_pretrained(where, dtype=dtype, use_safetensors=True,
+                                                                   output_loading_info=True)
             _check_loading_report(where, report)
     except HarnessError:
         raise
@@ -98,41 +98,43 @@ def load(spec: str | Path, dtype=None, device: str | None = None, processor: boo
 
 
 @functools.cache
-def _width_aware_class():
-    """A `LlavaForConditionalGeneration` that takes per-layer widths from its config while it is built.
+def _width_aware_class(model_type: str):
+    """The multimodal class of `model_type`, made to take per-layer widths from its config while it is built.
 
     from_pretrained constructs the model (on the meta device) and then loads the weights
     with the checkpoint's key renaming; resizing inside `__init__` lets it do both for
-    non-uniform shapes. transformers applies the Llava renaming only to classes it knows,
+    non-uniform shapes. transformers applies a family's renaming only to classes it knows,
     so it is registered for this one; the class is swapped back after loading.
     """
-    from transformers import LlavaForConditionalGeneration
     from transformers.conversion_mapping import (
         get_checkpoint_conversion_mapping,
         register_checkpoint_conversion_mapping,
     )
 
-    class WidthAwareLlava(LlavaForConditionalGeneration):
-        def __init__(self, config):
-            super().__init__(config)
-            resize_to_widths(self)
+    base = mllm_class(model_type)
 
-    register_checkpoint_conversion_mapping(WidthAwareLlava.__name__, get_checkpoint_conversion_mapping("llava"),
-                                           overwrite=True)
-    return WidthAwareLlava
+    def __init__(self, config):
+        base.__init__(self, config)
+        resize_to_widths(self)
+
+    width_aware = type(f"WidthAware{base.__name__}", (base,), {"__init__": __init__})
+    mapping = get_checkpoint_conversion_mapping(model_type)
+    if mapping:
+        register_checkpoint_conversion_mapping(width_aware.__name__, mapping, overwrite=True)
+    return width_aware
 
 
 def load_pruned(path: str | Path, dtype=None) -> nn.Module:
     """Load a pruned checkpoint (uniform or per-layer widths) from safetensors, strictly."""
     import torch
-    from transformers import LlavaForConditionalGeneration
 
     path = Path(path)
-    model, report = _width_aware_class().from_pretrained(
+    model_type = json.loads((path / "config.json").read_text())["model_type"]
+    model, report = _width_aware_class(model_type).from_pretrained(
         path, dtype=dtype or torch.float32, use_safetensors=True, output_loading_info=True)
     problems = {k: v for k, v in report.items() if v}
     if problems:
         detail = "; ".join(f"{k}: {sorted(map(str, v))[:3]}" for k, v in problems.items())
         raise HarnessError(f"pruned checkpoint {path} does not match its config ({detail})")
-    model.__class__ = LlavaForConditionalGeneration
+    model.__class__ = mllm_class(model_type)
     return model

@@ -100,7 +100,7 @@ class ModelShape:
 
 
 def model_shape(config_or_model) -> ModelShape:
-    """Shapes of a `LlavaConfig` (built on the meta device) or of an already built model."""
+    """Shapes of a multimodal config (built on the meta device) or of an already built model."""
     if isinstance(config_or_model, nn.Module):
         return _shape_of(config_or_model)
     return _shape_of_config(config_or_model.to_json_string(use_diff=False))
@@ -111,11 +111,11 @@ def _shape_of_config(config_json: str) -> ModelShape:
     import json
 
     import torch
-    from transformers import LlavaConfig
 
+    from harness.models.adapter import mllm_config
     from harness.models.build import build_model
 
-    config = LlavaConfig.from_dict(json.loads(config_json))
+    config = mllm_config(json.loads(config_json))
     return _shape_of(build_model(config, torch.bfloat16, "meta"))
 
 

@@ -57,10 +57,10 @@ def read_real_config(name: str | Path) -> dict:
 
 
 def real_config(name: str | Path):
-    """A `LlavaConfig` for `llava-hf/llava-1.5-7b-hf`, `BAAI/Bunny-v1_0-3B` (native, converted) or a file name."""
-    from transformers import LlavaConfig
+    """The config of a shipped real model (`llava-hf/llava-1.5-7b-hf`, `BAAI/Bunny-v1_0-3B` native, converted) or file."""
+    from harness.models.adapter import mllm_config
 
-    return LlavaConfig.from_dict(read_real_config(name))
+    return mllm_config(read_real_config(name))
 
 
 def source_note(name: str | Path) -> dict:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from harness.errors import HarnessError
-from harness.models.adapter import LMAdapter
+from harness.models.adapter import LMAdapter, mllm_config
 from harness.models.build import WIDTHS_KEY, as_mistral, empty_model
 from harness.pruning.channels import hidden_slices, hidden_width, projector_slices
 
@@ -97,11 +97,8 @@ def _rebuild(model: nn.Module, kept_layers: list[int], kept: list[dict] | None,
 
 def assemble(model: nn.Module, config: dict, state: dict[str, torch.Tensor]) -> nn.Module:
     """A new model of `config` holding `state`, with the source's dtype, device, generation config and mode."""
-    from transformers import LlavaConfig
-
     param = next(model.parameters())
-    # LlavaConfig(**d) is LlavaConfig.from_dict(d) without the log line that serialises the whole config
-    pruned = empty_model(LlavaConfig(**config), param.dtype, param.device)
+    pruned = empty_model(mllm_config(config), param.dtype, param.device)
     pruned.load_state_dict(state, strict=True, assign=True)
     pruned.tie_weights()  # after assigning: a tied LM head must be the (new) embedding matrix
     empty = [name for name, t in [*pruned.named_parameters(), *pruned.named_buffers()] if t.is_meta]

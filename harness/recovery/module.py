@@ -85,11 +85,8 @@ def set_trainable(model: nn.Module, recipe: Recipe) -> nn.Module:
     if recipe.language_model == "lora":  # peft freezes non-adapter weights, so it goes first
         from peft import LoraConfig, inject_adapter_in_model
 
-        names = "|".join(adapter.linear_names)
-        config = LoraConfig(
-            r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-            target_modules=rf".*language_model\.layers\.\d+\..*\.({names})$",
-        )
+        config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                            target_modules=adapter.lora_target)
         with seeded_rng(derived_seed(recipe.seed, "lora")):
             inject_adapter_in_model(config, model)
     elif recipe.language_model == "full":
