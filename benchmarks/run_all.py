@@ -53,13 +53,17 @@ BENCHMARKS = [
     ("grid_overhead", "bench_grid_overhead.py", []),
     ("eval_plugin", "bench_eval_plugin.py", []),
     ("prune_reuse", "bench_prune_reuse.py", []),
-    ("prune_reuse_smol", "bench_prune_reuse.py", ["--model", "smol-llava", "--one-call-only"]),
+    ("prune_reuse_smol", "bench_prune_reuse.py", ["--model", "smol-llava", "--one-call-only",
+                                                   "--method", "width-taylor"]),
     ("training", "bench_training.py", []),
     ("inference_smol", "bench_inference.py", ["--model", "smol", "--compare-round-to", "", "--compare-attn-unit", ""]),
 ]
-# `make bench-all` adds these (about 20 min more): the same goals on a random-weight mid-size model and on
-# tiny-llava, the memory estimate's accuracy, and smol's comparison variants (no rounding, query-head units).
+# `make bench-all` adds these (about 25 min more): layer-bi's ratio reuse on smol, the same goals on a random-weight
+# mid-size model and on tiny-llava, the memory estimate's accuracy, and smol's comparison variants (no rounding,
+# query-head units).
 EXTRA = [
+    ("prune_reuse_smol_layer", "bench_prune_reuse.py", ["--model", "smol-llava", "--one-call-only",
+                                                         "--method", "layer-bi"]),
     ("recovery_loop", "bench_recovery_loop.py", []),
     ("importance_memory", "bench_importance_memory.py", []),
     ("inference", "bench_inference.py", ["--model", "mid"]),
