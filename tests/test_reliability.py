@@ -181,7 +181,8 @@ def test_kill_9_at_random_moments_then_rerun_gives_the_uninterrupted_results(tmp
     assert len(order) >= 8, ref.output
 
     # 10 seeded moments spread over the work (first stage start to the end), one inside a random stage of each
-    # kind (prune stages are short: uniform moments may miss them), and one in startup (imports, input checks)
+    # kind (prune stages are short: uniform moments may miss them), and one in startup (imports, input checks; early
+    # in it: a rerun on a less loaded machine reaches its first stage sooner than the reference did)
     rng = random.Random(10)
     moments = [rng.uniform(starts[0][0], end) for _ in range(10)]
     for kind in ("teacher-eval", "prune", "recover", "eval"):
@@ -190,7 +191,7 @@ def test_kill_9_at_random_moments_then_rerun_gives_the_uninterrupted_results(tmp
     moments.sort()
     cut, cwd = tmp_path / "cut", tmp_path / "cut" / "cwd"
     hits = []  # where each kill landed: the stage that was running
-    for n, (index, offset) in enumerate([(None, rng.uniform(0.2, 0.8) * starts[0][0])] + kill_points(ref, moments)):
+    for n, (index, offset) in enumerate([(None, rng.uniform(0.1, 0.4) * starts[0][0])] + kill_points(ref, moments)):
         proc = GridProcess(spec, cut, cwd)
         if index is not None and not wait_for_stage(proc, order, index):
             assert proc.wait() == 0, proc.output  # it finished before its kill moment: a complete rerun
