@@ -64,7 +64,22 @@ def internvl(tokenizer, tmp):
     return config, processor
 
 
-FAMILIES = {"llava_onevision": lambda tokenizer, tmp: llava_onevision(tokenizer), "internvl": internvl}
+def idefics3(tokenizer, tmp):
+    """Idefics3 / SmolVLM: SigLIP tower, pixel-shuffle connector, Llama language model kept as `model.text_model`.
+    Its processor adds its own image tokens to the tokenizer."""
+    from transformers import Idefics3Config, Idefics3ImageProcessor, Idefics3Processor
+
+    processor = Idefics3Processor(image_processor=Idefics3ImageProcessor(), tokenizer=tokenizer, image_seq_len=1)
+    config = Idefics3Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=48, patch_size=16),
+        text_config=dict(TEXT, model_type="llama", vocab_size=len(processor.tokenizer)), scale_factor=3,
+        image_token_id=processor.image_token_id)
+    return config, processor
+
+
+FAMILIES = {"llava_onevision": lambda tokenizer, tmp: llava_onevision(tokenizer), "internvl": internvl,
+            "idefics3": idefics3}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -95,9 +110,9 @@ def test_loads_as_its_own_class_with_its_parts_found(checkpoint):
     adapter = LMAdapter(model)
     assert len(adapter.layers) == 4 and adapter.num_kv_heads == 2
     names = {id(m): n for n, m in model.named_modules()}
-    assert names[id(adapter.decoder)].endswith("language_model")
-    assert {names[id(adapter.vision_tower)], names[id(adapter.projector)]} == {"model.vision_tower",
-                                                                              "model.multi_modal_projector"}
+    layout = {"idefics3": ("model.text_model", "model.vision_model", "model.connector")}.get(
+        model.config.model_type, ("model.language_model", "model.vision_tower", "model.multi_modal_projector"))
+    assert (names[id(adapter.decoder)], names[id(adapter.vision_tower)], names[id(adapter.projector)]) == layout
 
 
 @pytest.mark.parametrize("unit", ["group", "query"])
@@ -122,3 +137,18 @@ def test_layer_removal_saved_and_reloaded_equals_skipping(checkpoint, tmp_path):
     plain = type(model).from_pretrained(tmp_path / "layers").eval()
     assert plain.config.text_config.num_hidden_layers == 2
     assert (text_logits(plain, IDS) - text_logits(skipped_copy(model, [1, 2]), IDS)).abs().max() <= 1e-4
+
+
+def test_a_projector_that_is_no_two_layer_mlp_refuses_hidden_pruning_by_name(checkpoint, tmp_path, capsys):
+    """Idefics3's connector is one linear after a pixel shuffle: width pruning works, hidden-size pruning is
+    refused with the reason (and nothing is written); the LLaVA-layout families prune the hidden size too."""
+    out = tmp_path / "hidden"
+    code = main(["prune", str(checkpoint), "--method", "width-magnitude", "--ratio", "0.3", "--out", str(out),
+                 "--prune-hidden", "--importance-dir", str(tmp_path / "importance")])
+    if json.loads((checkpoint / "config.json").read_text())["model_type"] == "idefics3":
+        assert code == 2 and "projector is not Linear(vision -> hidden)" in capsys.readouterr().err
+        assert not out.exists()
+    else:
+        assert code == 0 and json.loads((out / "pruning.json").read_text())["hidden_size"] < 64
+        model, _ = load(out)  # strict: every weight (LLaVA-OneVision's image_newline too) has the pruned width
+        assert LMAdapter(model).config.hidden_size == json.loads((out / "pruning.json").read_text())["hidden_size"]

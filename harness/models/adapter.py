@@ -43,14 +43,20 @@ class Layout:
     decoder: str = "model.language_model"  # the language model's base decoder (layers, final norm)
     vision_tower: str = "model.vision_tower"
     projector: str = "model.multi_modal_projector"
+    # Other parameters with one value per hidden channel (sliced with the hidden size), e.g. LLaVA-OneVision's
+    # learned newline token that ends each row of image tokens.
+    hidden_params: tuple[str, ...] = ()
 
 
 # The multimodal classes whose module layout the adapter knows (config `model_type` -> layout). LLaVA-1.5,
 # Bunny after `harness convert bunny` and every embedded teacher are `LlavaForConditionalGeneration`.
 MLLM_CLASSES = {
     "llava": Layout("LlavaForConditionalGeneration"),
-    "llava_onevision": Layout("LlavaOnevisionForConditionalGeneration"),  # SigLIP + Qwen2
+    "llava_onevision": Layout("LlavaOnevisionForConditionalGeneration",  # SigLIP + Qwen2
+                              hidden_params=("model.image_newline",)),
     "internvl": Layout("InternVLForConditionalGeneration"),  # InternViT + Qwen2 / Llama
+    "idefics3": Layout("Idefics3ForConditionalGeneration", decoder="model.text_model",  # SigLIP + Llama (SmolVLM)
+                       vision_tower="model.vision_model", projector="model.connector"),
 }
 
 
@@ -139,6 +145,11 @@ class LMAdapter:
     def mlp_linears(self, layer: nn.Module) -> tuple[list[nn.Linear], nn.Linear]:
         m = self.mlp(layer)
         return [getattr(m, n) for n in self.family.mlp_in], getattr(m, self.family.mlp_out)
+
+    @property
+    def hidden_params(self) -> list[nn.Parameter]:
+        """The layout's extra parameters indexed by hidden channel (`Layout.hidden_params`)."""
+        return [_attr(self.model, path) for path in self.layout.hidden_params]
 
     @property
     def lora_target(self) -> str:

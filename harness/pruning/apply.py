@@ -12,7 +12,7 @@ from torch import nn
 from harness.errors import HarnessError
 from harness.models.adapter import LMAdapter
 from harness.models.flops import count_params, lm_macs_per_token
-from harness.pruning.channels import hidden_width, projector_linears
+from harness.pruning.channels import hidden_prunable, hidden_width, projector_linears
 from harness.pruning.methods import get_method
 from harness.pruning.methods.width import top
 from harness.pruning.plan import lm_shape, parse_layers, plan_layers, plan_width
@@ -61,6 +61,8 @@ def _prune_width(model, importance: Importance, method, ratio: float, shape, set
     kept = method.select(importance, counts, q.out_features // k.out_features)
     kept_hidden = kept_projector = None
     if settings.prune_hidden:
+        if (why := hidden_prunable(adapter)) is not None:
+            raise HarnessError(why)
         if not {"hidden", "projector"} <= set(importance.scores):
             raise HarnessError("these importance scores have no hidden-channel scores (computed by an older version); "
                                "recompute them")

@@ -68,6 +68,16 @@ def projector_linears(adapter: LMAdapter) -> tuple[nn.Linear, nn.Linear]:
     return linears[0], linears[1]
 
 
+def hidden_prunable(adapter: LMAdapter) -> str | None:
+    """None when the hidden size can be pruned, else why not (e.g. a projector that is no 2-layer MLP)."""
+    try:
+        projector_linears(adapter)
+        norm_modules(adapter)
+    except HarnessError as e:
+        return str(e)
+    return None
+
+
 def hidden_slices(adapter: LMAdapter) -> list[ChannelSlice]:
     """Every parameter slice indexed by a hidden channel (module docstring), each parameter once."""
     slices = [ChannelSlice(adapter.decoder.get_input_embeddings().weight, 1)]
@@ -78,6 +88,7 @@ def hidden_slices(adapter: LMAdapter) -> list[ChannelSlice]:
             slices += [ChannelSlice(lin.weight, 1) for lin in ins]
             slices += [ChannelSlice(p, 0) for p in out.parameters()]  # output rows and bias
     slices.append(ChannelSlice(adapter.lm_head.weight, 1))
+    slices += [ChannelSlice(p, 0) for p in adapter.hidden_params]
     slices += [ChannelSlice(p, 0) for p in projector_linears(adapter)[1].parameters()]
     return _unique(slices)
 

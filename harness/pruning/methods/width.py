@@ -20,7 +20,14 @@ from torch import nn
 
 from harness.models.adapter import LMAdapter
 from harness.models.memory import FP32, LOGITS_CE, layer_activation_bytes, max_layer
-from harness.pruning.channels import ChannelSlice, hidden_slices, norm_modules, projector_linears, projector_slices
+from harness.pruning.channels import (
+    ChannelSlice,
+    hidden_prunable,
+    hidden_slices,
+    norm_modules,
+    projector_linears,
+    projector_slices,
+)
 from harness.pruning.methods import PruningMethod, register
 from harness.pruning.methods._common import answer_tokens, hooks, model_inputs, total_answer_tokens
 
@@ -32,9 +39,13 @@ SCORE_KEYS = ("attn", "heads", "mlp", "hidden", "projector")
 
 
 def width_scores(adapter: LMAdapter, element: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sum an element-wise score over each unit's weights: groups, MLP channels, hidden and projector channels."""
-    return {**_group_scores(adapter, element), "hidden": _slice_sums(hidden_slices(adapter), element),
-            "projector": _slice_sums(projector_slices(adapter), element)}
+    """Sum an element-wise score over each unit's weights: groups, MLP channels, hidden and projector channels
+    (the last two where the hidden size can be pruned: `hidden_prunable`)."""
+    scores = _group_scores(adapter, element)
+    if hidden_prunable(adapter) is None:
+        scores |= {"hidden": _slice_sums(hidden_slices(adapter), element),
+                   "projector": _slice_sums(projector_slices(adapter), element)}
+    return scores
 
 
 def _slice_sums(slices: list[ChannelSlice], element) -> torch.Tensor:
@@ -80,7 +91,8 @@ def scored_params(adapter: LMAdapter) -> list[nn.Parameter]:
         (attn_in, attn_out), (mlp_in, mlp_out) = adapter.attn_linears(layer), adapter.mlp_linears(layer)
         for lin in [*attn_in, attn_out, *mlp_in, mlp_out]:
             params.update((id(p), p) for p in lin.parameters())
-    params.update((id(s.param), s.param) for s in hidden_slices(adapter) + projector_slices(adapter))
+    if hidden_prunable(adapter) is None:
+        params.update((id(s.param), s.param) for s in hidden_slices(adapter) + projector_slices(adapter))
     return list(params.values())
 
 
@@ -123,11 +135,12 @@ def activation(model, adapter, batches) -> dict[str, torch.Tensor]:
     the sum over the decoder's norms of its |norm output|; a projector channel its |activation|
     entering the projector's last linear (there a sample is one image, its tokens the image's)."""
     layers = list(adapter.layers)
-    norms = norm_modules(adapter)
+    with_hidden = hidden_prunable(adapter) is None
+    norms = norm_modules(adapter) if with_hidden else []
     sq_attn = [None] * len(layers)
     sq_mlp = [None] * len(layers)
     sq_norm = [None] * len(norms)
-    sq_projector = [torch.zeros(projector_linears(adapter)[1].in_features, dtype=torch.float64)]
+    sq_projector = [torch.zeros(projector_linears(adapter)[1].in_features, dtype=torch.float64)] if with_hidden else []
     mask = {}
 
     def accumulate(store, i, per_token, valid=None):  # per_token: [samples, tokens, units]
@@ -156,7 +169,7 @@ def activation(model, adapter, batches) -> dict[str, torch.Tensor]:
         x = args[0].float().abs().reshape(-1, *args[0].shape[-2:])  # [images, image tokens, channels]
         accumulate(sq_projector, 0, x, valid=x.new_ones(x.shape[:2]))
 
-    handles = [projector_linears(adapter)[1].register_forward_pre_hook(projector_hook)]
+    handles = [projector_linears(adapter)[1].register_forward_pre_hook(projector_hook)] if with_hidden else []
     handles += [norm.register_forward_hook(norm_hook(i)) for i, norm in enumerate(norms)]
     for i, layer in enumerate(layers):
         handles.append(adapter.attn_linears(layer)[1].register_forward_pre_hook(attn_hook(i)))
@@ -168,9 +181,11 @@ def activation(model, adapter, batches) -> dict[str, torch.Tensor]:
     groups = [adapter.attn_linears(layer)[0][1].out_features // adapter.head_dim for layer in layers]
     heads = [s.sqrt() for s in sq_attn]
     attn = [h.view(g, -1).sum(1) for h, g in zip(heads, groups, strict=True)]
-    return {"attn": torch.stack(attn).float(), "heads": torch.stack(heads).float(),
-            "mlp": torch.stack(sq_mlp).sqrt().float(),
-            "hidden": torch.stack(sq_norm).sqrt().sum(0).float(), "projector": sq_projector[0].sqrt().float()}
+    scores = {"attn": torch.stack(attn).float(), "heads": torch.stack(heads).float(),
+              "mlp": torch.stack(sq_mlp).sqrt().float()}
+    if with_hidden:
+        scores |= {"hidden": torch.stack(sq_norm).sqrt().sum(0).float(), "projector": sq_projector[0].sqrt().float()}
+    return scores
 
 
 # --- selector ------------------------------------------------------------------------------------
