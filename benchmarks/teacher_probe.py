@@ -90,9 +90,17 @@ class Probe:
             turns += [{"from": "human", "value": (head if i == 0 else "") + q}, {"from": "gpt", "value": a}]
         return turns
 
+    def expand(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        """One image token -> the model's `image_seq_length` of them (what LlavaProcessor does), unsupervised."""
+        n, x, y = self.model.config.image_seq_length, [], []
+        for token, label in zip(ids, labels):
+            x += [token] * (n if token == self.image_token else 1)
+            y += [label] * (n if token == self.image_token else 1)
+        return x, y
+
     def forward(self, samples, images) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and labels of a batch of (scene, qa) samples."""
-        encoded = [self.collator.encode(self.conversation(*s)) for s in samples]
+        encoded = [self.expand(*self.collator.encode(self.conversation(*s))[1:]) for s in samples]
         width = max(len(ids) for ids, _ in encoded)
         ids = torch.full((len(encoded), width), self.collator.tokenizer.pad_token_id)
         labels = torch.full((len(encoded), width), -100)
@@ -100,7 +108,7 @@ class Probe:
         for i, (x, y) in enumerate(encoded):
             ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
         if self.image == "tower":
-            pixels = self.collator.image_processor(images, return_tensors="pt")["pixel_values"]
+            pixels = self.collator.processor.image_processor(images, return_tensors="pt")["pixel_values"]
             return self.model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits, labels
         embeds = self.model.get_input_embeddings()(ids)
         if self.image == "oracle":

@@ -119,11 +119,13 @@ def test_labels_cover_exactly_the_answers(tiny_world, tiny_llava):
              {"from": "gpt", "value": "3"},
              {"from": "human", "value": "is there a red circle in the image? yes or no."},
              {"from": "gpt", "value": "no"}]
-    ids, labels = collator.encode(convo)
+    batch = collator([{"conversations": convo, "image": json.loads((tiny_world / "mix.json").read_text())[0]["image"]}])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     tok = processor.tokenizer
     supervised = tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX])
     assert supervised.replace(" ", "") == "3</s>no</s>"
-    assert ids.count(model.config.image_token_index) == collator.n_image_tokens == 9
+    assert ids.count(model.config.image_token_index) == model.config.image_seq_length == 9
+    assert batch["pixel_values"].shape[0] == 1
 
 
 def test_chat_template_matches_processor(tiny_llava):

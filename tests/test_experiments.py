@@ -17,7 +17,25 @@ SPECS = sorted((ROOT / "experiments").glob("*.yaml"))
 
 def test_specs_exist():
     assert {p.stem for p in SPECS} >= {"default", "smoke", "paper_llava15_7b", "paper_bunny_3b",
-                                       "paper_llava15_7b_public_ranges", "paper_bunny_3b_public_ranges"}
+                                       "paper_llava15_7b_public_ranges", "paper_bunny_3b_public_ranges",
+                                       "qwen25vl_7b", "llava_ov_7b"}
+
+
+@pytest.mark.parametrize("name", ["qwen25vl_7b", "llava_ov_7b"])
+def test_newer_family_specs_size_every_cell_onto_one_gpu(name):
+    """The 7B specs of two newer families plan at their real size; Qwen2.5-VL's width cells remove MLP channels
+    only (its attention fixes the head count), LLaVA-OneVision's remove query heads inside its 4 KV groups."""
+    from harness.grid.dryrun import dry_run
+    from harness.grid.spec import load_spec
+
+    report = dry_run(load_spec(ROOT / "experiments" / f"{name}.yaml"))
+    assert "all fit 80 GB: yes" in report and "fits 80 GB: no" not in report
+    widths = [line for line in report.splitlines() if "per layer: heads" in line]
+    assert len(widths) == 3
+    if name == "qwen25vl_7b":
+        assert all("heads 28/28 (KV heads 4/4, 0.0% removed) in layers none" in line for line in widths)
+    else:
+        assert all("KV heads 4/4" in line and "heads 28/28" not in line for line in widths)
 
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])

@@ -85,31 +85,64 @@ def to_messages(conversations: list[dict]) -> list[dict]:
     return messages
 
 
-def num_image_tokens(config) -> int:
-    """Image tokens the LM sees per image, from the vision config and feature strategy."""
-    vc = config.vision_config
-    n = (vc.image_size // vc.patch_size) ** 2
-    if config.vision_feature_select_strategy == "full" and vc.model_type == "clip_vision_model":
-        n += 1
-    return n
+def image_token_id(config) -> int:
+    """The token that stands for one image in the chat template's text (before the processor expands it)."""
+    token = getattr(config, "image_token_id", None)
+    return token if token is not None else config.image_token_index
+
+
+def carry_labels(ids: list[int], labels: list[int], expanded: list[int], placeholder: int) -> list[int]:
+    """`labels` of `ids` (one `placeholder` token per image) moved onto `expanded`, the processor's ids.
+
+    Each family's processor expands an image its own way (LLaVA: N copies of the token; InternVL: start and end
+    tokens around them; Idefics3: row and column markers; Qwen2.5-VL: a count that follows the resolution), but
+    leaves the text between images as it was. So each text segment between placeholders is found again, in order
+    (the last one at the end), and takes its labels along; tokens the processor added are not supervised.
+    """
+    segments, start = [], 0
+    for i, token in enumerate([*ids, placeholder]):
+        if token == placeholder:
+            segments.append((start, i))
+            start = i + 1
+    out, pos = [IGNORE_INDEX] * len(expanded), 0
+    for k, (a, b) in enumerate(segments):
+        if a == b:
+            continue
+        seg = ids[a:b]
+        if k == len(segments) - 1:
+            at = len(expanded) - len(seg) if expanded[len(expanded) - len(seg):] == seg else -1
+        else:
+            at = next((j for j in range(pos, len(expanded) - len(seg) + 1) if expanded[j:j + len(seg)] == seg), -1)
+        if at < pos:
+            raise HarnessError("the processor changed the text around an image, so the answer tokens cannot be "
+                               "found in its output")
+        out[at:at + len(seg)] = labels[a:b]
+        pos = at + len(seg)
+    return out
 
 
 class Collator:
-    """Turn mix records into padded model inputs with assistant-only labels."""
+    """Turn mix records into padded model inputs with assistant-only labels, for any family's processor.
+
+    The chat template renders each conversation with one placeholder per image; labels are set on that text's
+    tokens; the family's processor then expands the images and makes the pixel inputs its model takes
+    (`pixel_values`, and `image_sizes` or `image_grid_thw` where the family needs them); `carry_labels` moves
+    the labels onto its ids. Sequences are right-padded and cut at `max_length` tokens, image tokens included.
+    """
 
     def __init__(self, processor, model_config, image_root: str | Path, max_length: int = 512):
+        self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.image_processor = processor.image_processor
         self.template = processor.chat_template
-        self.image_token_id = model_config.image_token_index
-        self.n_image_tokens = num_image_tokens(model_config)
+        self.image_token_id = image_token_id(model_config)
         self.image_root = Path(image_root)
         self.max_length = max_length
 
     def render(self, messages, **kw) -> str:
         return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False, **kw)
 
-    def encode(self, conversations: list[dict]) -> tuple[list[int], list[int]]:
+    def encode(self, conversations: list[dict]) -> tuple[str, list[int], list[int]]:
+        """(rendered text, its token ids, labels): one placeholder token per image, labels on answers only."""
         messages = to_messages(conversations)
         text = self.render(messages)
         spans = []
@@ -118,16 +151,9 @@ class Collator:
                 start = len(self.render(messages[:i], add_generation_prompt=True))
                 spans.append((start, len(self.render(messages[: i + 1]))))
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, labels = [], []
-        for tok, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]):
-            in_answer = any(s < b and e > a for a, b in spans)
-            if tok == self.image_token_id:
-                ids += [tok] * self.n_image_tokens
-                labels += [IGNORE_INDEX] * self.n_image_tokens
-            else:
-                ids.append(tok)
-                labels.append(tok if in_answer else IGNORE_INDEX)
-        return ids[: self.max_length], labels[: self.max_length]
+        labels = [tok if any(s < b and e > a for a, b in spans) and tok != self.image_token_id else IGNORE_INDEX
+                  for tok, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])]
+        return text, enc["input_ids"], labels
 
     def load_image(self, name: str) -> Image.Image:
         try:
@@ -138,17 +164,15 @@ class Collator:
 
     def __call__(self, records: list[dict]) -> dict:
         encoded = [self.encode(r["conversations"]) for r in records]
-        width = max(len(ids) for ids, _ in encoded)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for i, (ids, lab) in enumerate(encoded):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, : len(lab)] = torch.tensor(lab)
-            mask[i, : len(ids)] = 1
-        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
         images = [self.load_image(r["image"]) for r in records if r.get("image")]
-        if images:
-            batch["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]
-        return batch
+        self.tokenizer.padding_side = "right"
+        batch = dict(self.processor(text=[text for text, _, _ in encoded], images=images or None,
+                                    return_tensors="pt", padding=True, add_special_tokens=False))
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        for i, (_, plain, plain_labels) in enumerate(encoded):
+            n = int(mask[i].sum())
+            labels[i, :n] = torch.tensor(carry_labels(plain, plain_labels, ids[i, :n].tolist(), self.image_token_id))
+        batch["labels"] = labels
+        per_token = {k for k in batch if k in ("input_ids", "attention_mask", "labels") or k.endswith("token_type_ids")}
+        return {k: v[:, :self.max_length] if k in per_token else v for k, v in batch.items()}

@@ -169,11 +169,11 @@ def _layer_student(model, shape, ratio):
 
 def _width_student(model, shape, ratio, settings):
     from harness.models.adapter import LMAdapter
-    from harness.pruning.plan import lm_shape, parse_layers, plan_width
+    from harness.pruning.plan import attention_layers, lm_shape, parse_layers, plan_width
     from harness.pruning.surgery import slice_widths
 
     shape = lm_shape(model, settings.attn_unit)
-    attn = parse_layers(settings.attn_layers, shape.num_layers, "attn_layers")
+    attn = attention_layers(shape, settings.attn_layers)
     mlp = parse_layers(settings.mlp_layers, shape.num_layers, "mlp_layers")
     per_layer = settings.per_layer_ratio
     counts = plan_width(shape, ratio, attn, mlp, per_layer, settings.round_to, settings.prune_hidden)

@@ -24,6 +24,9 @@ class Family:
     attn: str = "self_attn"
     mlp: str = "mlp"
     final_norm: str = "norm"  # the decoder's norm after the last layer
+    # Why the attention head count cannot change (None: it can), e.g. an attention class that derives
+    # head_dim from hidden_size / num_heads, so a checkpoint with fewer heads would not load.
+    heads_fixed: str | None = None
 
 
 LLAMA_LIKE = Family()
@@ -31,6 +34,10 @@ FAMILIES = {
     "llama": LLAMA_LIKE,
     "mistral": LLAMA_LIKE,
     "qwen2": LLAMA_LIKE,
+    # Qwen2.5-VL's language model: Qwen2 with multimodal rotary positions
+    "qwen2_5_vl_text": Family(heads_fixed="Qwen2.5-VL's attention takes head_dim = hidden_size / num_heads, so a "
+                                          "checkpoint with fewer heads would not load: width pruning removes MLP "
+                                          "channels only"),
     "phi": Family(attn_out="dense", mlp_in=("fc1",), mlp_out="fc2", final_norm="final_layernorm"),
 }
 
@@ -57,6 +64,9 @@ MLLM_CLASSES = {
     "internvl": Layout("InternVLForConditionalGeneration"),  # InternViT + Qwen2 / Llama
     "idefics3": Layout("Idefics3ForConditionalGeneration", decoder="model.text_model",  # SigLIP + Llama (SmolVLM)
                        vision_tower="model.vision_model", projector="model.connector"),
+    # Qwen2.5-VL keeps its projector (the patch merger) inside its vision tower.
+    "qwen2_5_vl": Layout("Qwen2_5_VLForConditionalGeneration", vision_tower="model.visual",
+                         projector="model.visual.merger"),
 }
 
 
@@ -130,7 +140,12 @@ class LMAdapter:
 
     @property
     def vision_tower(self) -> nn.Module:
+        """The vision encoder; in some layouts (Qwen2.5-VL) the projector is one of its submodules."""
         return _attr(self.model, self.layout.vision_tower)
+
+    @property
+    def projector_in_tower(self) -> bool:
+        return self.layout.projector.startswith(self.layout.vision_tower + ".")
 
     def attn(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.family.attn)

@@ -118,7 +118,8 @@ def _width_aware_class(model_type: str):
         resize_to_widths(self)
 
     width_aware = type(f"WidthAware{base.__name__}", (base,), {"__init__": __init__})
-    mapping = get_checkpoint_conversion_mapping(model_type)
+    # transformers keys a family's renaming by model_type (LLaVA) or by class name (Qwen2.5-VL)
+    mapping = get_checkpoint_conversion_mapping(base.__name__) or get_checkpoint_conversion_mapping(model_type)
     if mapping:
         register_checkpoint_conversion_mapping(width_aware.__name__, mapping, overwrite=True)
     return width_aware

@@ -135,8 +135,9 @@ def _shape_of(model: nn.Module) -> ModelShape:
         layers.append(LayerShape(q.out_features, k.out_features, q.out_features // a.head_dim,
                                  out.in_features, linears, _numel(layer)))
     vc = model.config.vision_config
+    vision = _numel(a.vision_tower) - (_numel(a.projector) if a.projector_in_tower else 0)
     return ModelShape(
-        family=a.family_name, total_params=_numel(model), vision_params=_numel(a.vision_tower),
+        family=a.family_name, total_params=_numel(model), vision_params=vision,
         projector_params=_numel(a.projector), lm_params=a.lm_parameters(), hidden=a.config.hidden_size,
         vocab=a.lm_head.out_features, image_tokens=int(getattr(model.config, "image_seq_length", 0) or 0),
         vision_hidden=vc.hidden_size, vision_intermediate=vc.intermediate_size, layers=tuple(layers),

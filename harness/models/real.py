@@ -1,11 +1,13 @@
 """The real models' configs, shipped with the harness so they can be sized without a download.
 
 `harness/models/configs/` holds one `config.json` per real target, as a native
-`LlavaForConditionalGeneration` sees it:
+transformers class sees it:
 
 - `llava-1.5-7b-hf.json`: llava-hf/llava-1.5-7b-hf (CLIP ViT-L/14-336 + Vicuna-7B-v1.5);
 - `bunny-v1_0-3b-native.json`: BAAI/Bunny-v1_0-3B after `harness convert bunny`
-  (SigLIP-so400m without its last layer + Phi-2).
+  (SigLIP-so400m without its last layer + Phi-2);
+- `llava-onevision-qwen2-7b-ov-hf.json`: llava-hf/llava-onevision-qwen2-7b-ov-hf (SigLIP + Qwen2-7B);
+- `qwen2.5-vl-7b-instruct.json`: Qwen/Qwen2.5-VL-7B-Instruct (its own ViT + Qwen2.5-7B).
 
 Each file carries a `_source` field saying where its values come from; `real_config`
 drops it. Loading weights still goes through `harness.models.load` (hub id or the
@@ -26,6 +28,8 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 REAL_MODELS = {
     "llava-hf/llava-1.5-7b-hf": "llava-1.5-7b-hf",
     "BAAI/Bunny-v1_0-3B": "bunny-v1_0-3b-native",
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf": "llava-onevision-qwen2-7b-ov-hf",
+    "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2.5-vl-7b-instruct",
 }
 
 def known_names() -> list[str]:

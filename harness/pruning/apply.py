@@ -15,7 +15,7 @@ from harness.models.flops import count_params, lm_macs_per_token
 from harness.pruning.channels import hidden_prunable, hidden_width, projector_linears
 from harness.pruning.methods import get_method
 from harness.pruning.methods.width import top
-from harness.pruning.plan import lm_shape, parse_layers, plan_layers, plan_width
+from harness.pruning.plan import attention_layers, lm_shape, parse_layers, plan_layers, plan_width
 from harness.pruning.scores import Importance
 from harness.pruning.settings import PruneSettings
 from harness.pruning.surgery import remove_layers, slice_widths
@@ -50,7 +50,7 @@ def _prune_layers(model, importance: Importance, method, ratio: float, shape, se
 
 def _prune_width(model, importance: Importance, method, ratio: float, shape, settings) -> tuple[nn.Module, dict]:
     shape = lm_shape(model, settings.attn_unit)
-    attn = parse_layers(settings.attn_layers, shape.num_layers, "attn_layers")
+    attn = attention_layers(shape, settings.attn_layers)
     mlp = parse_layers(settings.mlp_layers, shape.num_layers, "mlp_layers")
     counts = plan_width(shape, ratio, attn, mlp, settings.per_layer_ratio, settings.round_to, settings.prune_hidden)
     adapter = LMAdapter(model)

@@ -19,7 +19,7 @@ from harness.pruning.calibration import calibration_set
 from harness.pruning.checkpoint import check_output_dir, save_pruned
 from harness.pruning.memory import importance_estimate_line
 from harness.pruning.methods import METHODS, get_method
-from harness.pruning.plan import check_ratio, lm_shape, parse_layers, plan_layers, plan_width
+from harness.pruning.plan import attention_layers, check_ratio, lm_shape, parse_layers, plan_layers, plan_width
 from harness.pruning.scores import cached_importance, lookup_fingerprint
 from harness.pruning.settings import PruneSettings
 from harness.settings import add_arguments, from_args, from_mapping
@@ -117,7 +117,7 @@ def _check_plan(model, method: str, ratios: Sequence[float], settings: PruneSett
         for ratio in ratios:
             plan_layers(shape, ratio)
         return settings
-    attn = list(parse_layers(settings.attn_layers, shape.num_layers, "attn_layers"))
+    attn = list(attention_layers(shape, settings.attn_layers))
     mlp = list(parse_layers(settings.mlp_layers, shape.num_layers, "mlp_layers"))
     for ratio in ratios:
         plan_width(shape, ratio, tuple(attn), tuple(mlp), settings.per_layer_ratio, settings.round_to,

@@ -54,6 +54,7 @@ class LMShape:
     hidden: int  # hidden width
     hidden_params: float  # LM parameters per hidden channel outside the units
     attn_unit: str = "group"  # what one attention unit is (`lm_shape`)
+    heads_fixed: str | None = None  # why no attention head may be removed (`Family.heads_fixed`)
 
     def params(self, groups: int, channels: int, hidden: int) -> float:
         """LM parameters with `groups` KV groups and `channels` MLP channels in all (summed over layers)."""
@@ -121,6 +122,7 @@ def lm_shape(model: nn.Module, attn_unit: str = "group") -> LMShape:
         hidden=hidden,
         hidden_params=(lm_params - in_units) / hidden,
         attn_unit=attn_unit,
+        heads_fixed=adapter.family.heads_fixed,
     )
 
 
@@ -156,6 +158,16 @@ def parse_layers(spec: str | Sequence[int] | None, num_layers: int, what: str) -
     if not layers or layers[0] < 0 or layers[-1] >= num_layers:
         raise HarnessError(f"{what} {list(spec)} must be non-empty indices within the model's {num_layers} layers")
     return layers
+
+
+def attention_layers(shape: LMShape, spec: str | Sequence[int] | None) -> tuple[int, ...]:
+    """The layers whose attention heads width pruning may remove: the `attn_layers` setting (`parse_layers`),
+    or none in a family whose head count is fixed (an explicit range there is refused with the reason)."""
+    if shape.heads_fixed is None:
+        return parse_layers(spec, shape.num_layers, "attn_layers")
+    if spec is not None and len(spec):
+        raise HarnessError(f"attn_layers {spec!r}: {shape.heads_fixed}")
+    return ()
 
 
 def plan_layers(shape: LMShape, ratio: float) -> int:

@@ -94,8 +94,8 @@ def set_trainable(model: nn.Module, recipe: Recipe) -> nn.Module:
         adapter.lm_head.requires_grad_(True)
     if recipe.vision == "full":
         adapter.vision_tower.requires_grad_(True)
-    if recipe.projector == "full":
-        adapter.projector.requires_grad_(True)
+    # after the tower: where the projector is inside it (Qwen2.5-VL) the projector's own setting wins
+    adapter.projector.requires_grad_(recipe.projector == "full")
     return model
 
 
