@@ -144,3 +144,29 @@ def test_two_process_ddp_matches_one_process(saved_tiny_llava, tiny_world, tmp_p
     moved, diff = _max_diff(one, start), _max_diff(ddp, one)
     print(f"training moved weights by up to {moved:.2e}; 2 processes vs 1: max |dw| = {diff:.2e}")
     assert diff <= TOL < moved / 100
+
+
+@pytest.mark.slow  # three 2-process runs, ~1.5 min on 2 cores
+def test_two_process_ddp_resumes_to_the_same_weights(saved_tiny_llava, tiny_world, tmp_path):
+    """A 2-process DDP run killed after step 2 (every rank exits) and started again resumes from rank 0's
+    checkpoint (model, optimizer, each rank's place in the data) and ends with the uninterrupted run's weights."""
+    from safetensors import safe_open
+
+    script = Path(__file__).parent / "scripts" / "ddp_resume.py"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "WANDB_MODE": "disabled", "PYTHONPATH": str(Path(__file__).parents[1])}
+
+    def run(ckpt, out, *crash):
+        return subprocess.run([sys.executable, str(script), str(saved_tiny_llava), str(tiny_world), str(tmp_path / ckpt),
+                               str(tmp_path / out), *crash], env=env, capture_output=True, text=True, timeout=600)
+
+    assert (straight := run("a", "a.safetensors")).returncode == 0, straight.stderr[-3000:]
+    crashed = run("b", "unused.safetensors", "2")
+    assert crashed.returncode != 0 and (tmp_path / "b" / "last.ckpt").exists()
+    assert not (tmp_path / "unused.safetensors").exists()
+    assert (resumed := run("b", "b.safetensors")).returncode == 0, resumed.stderr[-3000:]
+    with safe_open(tmp_path / "a.safetensors", "pt") as a, safe_open(tmp_path / "b.safetensors", "pt") as b:
+        assert (a.metadata()["steps"], b.metadata()["steps"], b.metadata()["resumed"]) == ("4", "4", "True")
+        assert set(a.keys()) == set(b.keys())
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
