@@ -15,6 +15,7 @@ from pathlib import Path
 
 from harness.errors import HarnessError
 from harness.paths import DEFAULT_DATA
+from harness.settings import parse_overrides
 
 
 def _offline_defaults() -> None:
@@ -108,7 +109,7 @@ def cmd_teacher_train(args) -> None:
     out = Path(args.out) if args.out else TEACHERS_DIR / args.name
     if out.exists() and not args.overwrite:
         raise HarnessError(f"{out} exists; pass --overwrite to retrain")
-    stages = stage_settings(_parse_overrides(args.set), args.name)
+    stages = stage_settings(parse_overrides(args.set), args.name)
     summary = train_teacher(args.name, args.data, out, seed=args.seed, stages=stages)
     print(f"teacher {args.name} written to {out} in {summary['train_time_s']:.0f} s")
     if not args.skip_eval:
@@ -120,29 +121,11 @@ def cmd_teacher_train(args) -> None:
         print(json.dumps(result["scores"], indent=1))
 
 
-def _parse_overrides(pairs: list[str]) -> dict:
-    """`--set lr=1e-4 --set language_model=full` -> typed dict (YAML scalars)."""
-    import yaml
-
-    from harness.io import load_yaml
-
-    out = {}
-    for item in pairs or []:
-        if "=" not in item:
-            raise HarnessError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = load_yaml(value)
-        except yaml.YAMLError:
-            raise HarnessError(f"--set {key}: {value!r} is not a YAML value") from None
-    return out
-
-
 def cmd_recover(args) -> None:
     from harness.recovery.train import recover
 
     record = recover(args.teacher, args.student, args.recipe, args.data, args.data_fraction, args.out,
-                     overrides=_parse_overrides(args.set))
+                     overrides=parse_overrides(args.set))
     print(f"recovered student written to {args.out}: {record['steps']} steps, "
           f"{record['num_samples']} samples, {record['wall_time_s']:.0f} s")
 
@@ -259,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--backend", choices=["local", "slurm", "submitit-local"], default="local")
             g.add_argument("--retry-failed", action="store_true")
             g.add_argument("--no-figures", action="store_true")
+            g.add_argument("--slurm", action="append", metavar="KEY=VALUE",
+                           help="a submitit executor parameter for --backend slurm|submitit-local, e.g. "
+                                "slurm_partition=gpu, timeout_min=1440, gpus_per_node=1 (GPUs per task)")
         g.set_defaults(func=cmd_grid)
 
     conv = sub.add_parser("convert", help="convert checkpoints").add_subparsers(dest="action", required=True)

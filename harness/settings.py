@@ -136,3 +136,21 @@ def from_args(cls: type[T], args: argparse.Namespace) -> T:
     """The settings the parsed flags describe (fields without a flag keep their defaults)."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     return from_mapping(cls, given, COMMAND_LINE)
+
+
+def parse_overrides(pairs: list[str] | None, flag: str = "--set") -> dict:
+    """`--set lr=1e-4 --set language_model=full` -> typed dict (each value read as a YAML scalar)."""
+    import yaml
+
+    from harness.io import load_yaml
+
+    out = {}
+    for item in pairs or []:
+        if "=" not in item:
+            raise HarnessError(f"{flag} expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = load_yaml(value)
+        except yaml.YAMLError:
+            raise HarnessError(f"{flag} {key}: {value!r} is not a YAML value") from None
+    return out

@@ -191,3 +191,35 @@ def test_submitit_local_backend_runs_a_tiny_grid(tmp_path, saved_tiny_llava, tin
                  tmp_path / "cwd")
     assert p.wait(timeout=900) == 0, p.stdout.read()
     assert (tmp_path / "cwd" / "results" / "tiny" / "cells.csv").exists()
+
+
+@pytest.mark.slow  # a 2-task recovery job and its evaluation, ~1.5 min
+def test_submitit_runs_a_multi_process_recovery_as_one_job_of_two_tasks(tmp_path, saved_tiny_llava, tiny_world):
+    """A recovery with `devices: 2` is one submitit job of 2 tasks (on SLURM: 2 tasks, 2 GPUs): each task is one
+    DDP rank, rank 0 alone keeps the books and writes the recovered model."""
+    spec = write_spec(tmp_path / "s.yaml", saved_tiny_llava, tiny_world,
+                      prune={"methods": ["width-magnitude"], "ratios": [0.3]},
+                      recover={"recipes": ["full-sft"], "fractions": [1.0],
+                               "settings": {"devices": 2, "strategy": "ddp", "max_steps": 2, "batch_size": 4}})
+    plan = runner.build_plan(load_spec(spec))
+    assert {s.kind: runner.stage_tasks(s) for s in plan.stages.values()} == {
+        "teacher-eval": 1, "prune": 1, "recover": 2, "eval": 1}
+    (tmp_path / "cwd").mkdir()
+    p = _run_cli(["grid", "run", str(spec), "--backend", "submitit-local", "--no-figures", "--slurm", "timeout_min=30"],
+                 tmp_path / "grid", tmp_path / "cwd")
+    assert p.wait(timeout=900) == 0, p.stdout.read()
+    recovered = list((tmp_path / "grid" / "recovered").iterdir())
+    assert len(recovered) == 1
+    record = json.loads((recovered[0] / "recovery.json").read_text())
+    assert (record["settings"]["devices"], record["settings"]["strategy"], record["steps"]) == (2, "ddp", 2)
+    runs = [json.loads(line) for line in (tmp_path / "grid" / "runs.jsonl").read_text().splitlines()]
+    assert sorted(r["kind"] for r in runs).count("recover") == 1  # rank 1 computed alongside, logged nothing
+    assert (tmp_path / "cwd" / "results" / "tiny" / "cells.csv").exists()
+
+
+def test_slurm_parameters_need_a_submitit_backend(tmp_path, saved_tiny_llava, tiny_world, capsys):
+    spec = write_spec(tmp_path / "s.yaml", saved_tiny_llava, tiny_world)
+    from harness.cli import main
+
+    assert main(["grid", "run", str(spec), "--slurm", "slurm_partition=gpu"]) == 2
+    assert "--slurm sets submitit parameters" in capsys.readouterr().err

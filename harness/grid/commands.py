@@ -6,6 +6,7 @@ import json
 import time
 from collections import Counter
 
+from harness.errors import HarnessError
 from harness.grid import runner
 from harness.grid.spec import load_spec
 from harness.grid.stages import check_inputs
@@ -24,6 +25,8 @@ def plan_text(plan: runner.Plan) -> str:
 def run_command(args):
     """Run `harness grid ACTION`; `run` returns the results folder (the CLI then writes the report) or None."""
     started = time.perf_counter()  # grid overhead counts spec loading, planning and bookkeeping too
+    if getattr(args, "slurm", None) and args.backend == "local":
+        raise HarnessError("--slurm sets submitit parameters: it needs --backend slurm or submitit-local")
     spec = load_spec(args.spec)
     if args.action == "plan" and getattr(args, "dry_run", False):
         from harness.grid.dryrun import dry_run
@@ -50,7 +53,10 @@ def run_command(args):
     if args.backend == "local":
         summary = runner.run_local(plan, args.retry_failed)
     else:
-        summary = runner.run_submitit(plan, args.backend, args.retry_failed)
+        from harness.settings import parse_overrides
+
+        params = parse_overrides(args.slurm, "--slurm")
+        summary = runner.run_submitit(plan, args.backend, args.retry_failed, executor_params=params)
     out = runner.write_results(plan)
     summary["wall_s"] = time.perf_counter() - started
     overhead = (summary["wall_s"] - summary["compute_s"]) / max(summary["wall_s"], 1e-9)

@@ -166,21 +166,46 @@ def run_local(plan: Plan, retry_failed: bool = False, log=print) -> dict:
 
 
 class StageJob:
-    """A submitit job that runs one stage; requeued on preemption (stages are idempotent)."""
+    """A submitit job that runs one stage; requeued on preemption (stages are idempotent).
+
+    A stage that trains on several processes (`stage_tasks`) is one job of that many tasks, one per GPU:
+    every task runs the stage's recovery as one DDP rank (Lightning reads the ranks from SLURM, or from
+    the torch.distributed variables exported here); rank 0 alone takes the stage's lock, checks and
+    records it, and writes its output.
+    """
 
     def __init__(self, spec_path: str, key: str, retry_failed: bool):
         self.spec_path, self.key, self.retry_failed = spec_path, key, retry_failed
 
     def __call__(self) -> float:
+        import submitit
+
         from harness.grid.spec import load_spec
 
         plan = build_plan(load_spec(self.spec_path))
-        return ensure(plan, plan.stages[self.key], self.retry_failed)
+        stage, env = plan.stages[self.key], submitit.JobEnvironment()
+        if env.num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            os.environ["GROUP_RANK"] = str(env.node)  # with the exported RANK etc., what Lightning reads
+        if env.global_rank > 0:
+            if not stage.done():
+                st.run_stage(stage, plan.spec.name, stage_cells(plan, stage.key))
+            return 0.0
+        return ensure(plan, stage, self.retry_failed)
 
     def checkpoint(self, *args, **kwargs):
         import submitit
 
         return submitit.helpers.DelayedSubmission(StageJob(self.spec_path, self.key, self.retry_failed))
+
+
+def stage_tasks(stage: st.Stage) -> int:
+    """Processes (one per GPU) a stage runs on: a recovery's `devices` setting; 1 for the others."""
+    if stage.kind != "recover":
+        return 1
+    from harness.recovery.recipes import get_recipe
+
+    return get_recipe(stage.payload["recipe"], **stage.payload["settings"]).devices
 
 
 def waves(plan: Plan) -> list[list[str]]:
@@ -196,7 +221,12 @@ def waves(plan: Plan) -> list[list[str]]:
 
 
 def run_submitit(plan: Plan, backend: str, retry_failed: bool = False, log=print, executor_params=None) -> dict:
-    """SLURM job arrays through submitit (`submitit-local` runs the same on this machine)."""
+    """SLURM job arrays through submitit (`submitit-local` runs the same on this machine).
+
+    Each dependency wave is one job array per task count (`stage_tasks`); `executor_params` are submitit's
+    (`slurm_partition`, `timeout_min`, ...; default timeout 600 min). On SLURM each task gets `gpus_per_node`
+    GPUs (default 1): a 4-process full-SFT recovery is one job of 4 tasks and 4 GPUs.
+    """
     import submitit
 
     t0 = time.perf_counter()
@@ -205,13 +235,21 @@ def run_submitit(plan: Plan, backend: str, retry_failed: bool = False, log=print
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
     else:
         executor = submitit.LocalExecutor(folder=folder)
-    executor.update_parameters(timeout_min=600, **(executor_params or {}))
+    params = {"timeout_min": 600, **(executor_params or {})}
+    gpus_per_task = params.pop("gpus_per_node", 1 if backend == "slurm" else 0)
     compute, failed = 0.0, {}
     for wave in waves(plan):
-        jobs = executor.submit_array([StageJob(str(plan.spec.path), k, retry_failed) for k in wave])
-        for key, job in zip(wave, jobs):
+        by_tasks: dict[int, list[str]] = {}
+        for key in wave:
+            by_tasks.setdefault(stage_tasks(plan.stages[key]), []).append(key)
+        submitted = []
+        for tasks, keys in sorted(by_tasks.items()):
+            executor.update_parameters(**params, tasks_per_node=tasks, gpus_per_node=gpus_per_task * tasks)
+            submitted += zip(keys, executor.submit_array([StageJob(str(plan.spec.path), k, retry_failed)
+                                                          for k in keys]))
+        for key, job in submitted:
             try:
-                compute += job.result()
+                compute += job.results()[0]  # rank 0's seconds; raises if any task failed
             except Exception as e:
                 failed[key] = str(e).strip().splitlines()[-1] if str(e) else type(e).__name__
                 log(f"  {plan.stages[key].kind} {key} FAILED: {failed[key]}")
