@@ -91,19 +91,21 @@ def test_load_errors(tmp_path):
 
 
 def test_an_unknown_multimodal_family_is_one_clear_error(tmp_path):
-    """A checkpoint of a multimodal class the adapter does not know (here a tiny Qwen2.5-VL) is refused by
+    """A checkpoint of a multimodal class the adapter does not know (here a tiny LLaVA-NeXT) is refused by
     name, with the known families, before transformers would fail inside the wrong class."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
     from harness.models import load
 
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64, rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32))
-    Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(tmp_path)
+    cfg = LlavaNextConfig(
+        text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, vocab_size=64),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=2, image_size=48, patch_size=16),
+        image_grid_pinpoints=[[48, 48]])
+    LlavaNextForConditionalGeneration(cfg).save_pretrained(tmp_path)
     (tmp_path / "preprocessor_config.json").write_text("{}")
-    with pytest.raises(HarnessError, match=r"is a 'qwen2_5_vl' model; supported multimodal families: "
+    with pytest.raises(HarnessError, match=r"is a 'llava_next' model; supported multimodal families: "
                                            r"llava \(LlavaForConditionalGeneration\)"):
         load(tmp_path)
 
