@@ -128,6 +128,15 @@ def test_labels_cover_exactly_the_answers(tiny_world, tiny_llava):
     assert batch["pixel_values"].shape[0] == 1
 
 
+def test_a_max_length_that_cuts_an_image_is_one_clear_error(tiny_world, tiny_llava):
+    """Cutting a record inside its image tokens would leave the model more image features than tokens."""
+    model, processor = tiny_llava
+    record = json.loads((tiny_world / "mix.json").read_text())[0]
+    assert Collator(processor, model.config, tiny_world, 64)([record])["input_ids"].shape[1] <= 64
+    with pytest.raises(HarnessError, match="max_length 5 cuts into a record's image tokens"):
+        Collator(processor, model.config, tiny_world, 5)([record])
+
+
 def test_chat_template_matches_processor(tiny_llava):
     from harness.data.instruct import to_messages
 
