@@ -165,9 +165,12 @@ class Collator:
     def __call__(self, records: list[dict]) -> dict:
         encoded = [self.encode(r["conversations"]) for r in records]
         images = [self.load_image(r["image"]) for r in records if r.get("image")]
-        self.tokenizer.padding_side = "right"
-        batch = dict(self.processor(text=[text for text, _, _ in encoded], images=images or None,
-                                    return_tensors="pt", padding=True, add_special_tokens=False))
+        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "right"
+        try:
+            batch = dict(self.processor(text=[text for text, _, _ in encoded], images=images or None,
+                                        return_tensors="pt", padding=True, add_special_tokens=False))
+        finally:
+            self.tokenizer.padding_side = side  # the processor is shared (generation pads on the left)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         labels = torch.full_like(ids, IGNORE_INDEX)
         for i, (_, plain, plain_labels) in enumerate(encoded):
