@@ -177,8 +177,7 @@ class Collator:
             n = int(mask[i].sum())
             labels[i, :n] = torch.tensor(carry_labels(plain, plain_labels, ids[i, :n].tolist(), self.image_token_id))
         batch["labels"] = labels
-        cut = ids[:, self.max_length:]
-        if ((cut == self.image_token_id) & (mask[:, self.max_length:] == 1)).any():
+        if (ids[:, self.max_length:] == self.image_token_id).any():  # right padding: only real tokens are cut
             n = int((ids == self.image_token_id).sum(1).max())
             raise HarnessError(f"max_length {self.max_length} cuts into a record's image tokens ({n} in its "
                                f"longest record): raise max_length above the image tokens plus the text")
