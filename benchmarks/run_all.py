@@ -168,6 +168,42 @@ def table(results: list[dict]) -> tuple[str, list[dict]]:
     return "\n".join(lines), rows
 
 
+def agreement(previous: list[dict], current: list[dict]) -> dict:
+    """How the timing figures of two runs agree: run to run, each figure's spread should hold the other run.
+
+    Two figures agree when their spreads overlap (the difference is within the stated spreads); `strict`
+    also asks each median to lie inside the other run's spread. Exact figures and failed rows are left out."""
+    def timed(rows):
+        return {(r["benchmark"], r["measure"]): r for r in rows
+                if r.get("value") is not None and not r.get("exact") and r.get("lo") is not None}
+
+    old, new = timed(previous), timed(current)
+    shared = sorted(set(old) & set(new))
+    rows = []
+    for key in shared:
+        a, b = old[key], new[key]
+        overlap = a["lo"] <= b["hi"] and b["lo"] <= a["hi"]
+        strict = a["lo"] <= b["value"] <= a["hi"] and b["lo"] <= a["value"] <= b["hi"]
+        rows.append({"benchmark": key[0], "measure": key[1], "previous": [a["value"], a["lo"], a["hi"]],
+                     "current": [b["value"], b["lo"], b["hi"]], "overlap": overlap, "strict": strict,
+                     "verdicts": [a["verdict"], b["verdict"]]})
+    flipped = [r for r in rows if {"meets", "MISSES"} == set(r["verdicts"])]
+    return {"shared": len(rows), "overlap": sum(r["overlap"] for r in rows), "strict": sum(r["strict"] for r in rows),
+            "verdicts_flipped": len(flipped), "rows": rows}
+
+
+def agreement_text(agree: dict, previous_finished: str) -> str:
+    lines = [f"against the previous run ({previous_finished}): {agree['overlap']} of {agree['shared']} timing figures "
+             f"agree within their spreads ({agree['strict']} with each median inside the other's spread); "
+             f"{agree['verdicts_flipped']} verdicts flipped between meets and MISSES"]
+    for r in agree["rows"]:
+        if not r["overlap"]:
+            (v0, lo0, hi0), (v1, lo1, hi1) = r["previous"], r["current"]
+            lines.append(f"  disagrees: {r['benchmark']} {r['measure']}: {v0:.3f} ({lo0:.3f}..{hi0:.3f}) then "
+                         f"{v1:.3f} ({lo1:.3f}..{hi1:.3f})")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=None, help="comma list of benchmark names")
@@ -209,7 +245,13 @@ def main(argv: list[str] | None = None) -> int:
                "total_s": round(total, 1), "machine": machine, "quick": args.quick,
                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     summary_file = out_dir / "summary.json"
+    compared = ""
     if set(chosen) >= {name for name, _, _ in BENCHMARKS}:  # the default set (or more): the summary
+        if summary_file.exists() and not args.quick:  # run to run: does this run agree with the one it replaces?
+            previous = json.loads(summary_file.read_text())
+            summary["previous_run"] = {"finished": previous.get("finished", "?"),
+                                       **agreement(previous.get("rows", []), rows)}
+            compared = agreement_text(summary["previous_run"], summary["previous_run"]["finished"])
         summary_file.write_text(json.dumps(summary, indent=1) + "\n")
     elif summary_file.exists() and not args.quick:  # a re-run of some: their rows and times replace the old ones
         old = json.loads(summary_file.read_text())
@@ -226,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(1/5/15 min, at the first benchmark's end); total {total / 60:.1f} min; results in {out_dir}, "
           f"logs in {log_dir}")
     print(text)
+    if compared:
+        print(compared)
     return 1 if any(r["status"] == "failed" for r in results) else 0
 
 

@@ -153,6 +153,25 @@ def test_run_all_table_shows_value_spread_and_verdict():
     assert "1.000..1.400 (5)" in text and "exact" in text and "no decord" in text and "[1] a s: why" in text
 
 
+def test_run_to_run_agreement_compares_spreads():
+    def rows(figures):
+        return run_all.table([{"benchmark": "a", "status": "ok", "figures": figures}])[1]
+
+    previous = rows({"x": _common.figure([1.0, 1.1, 1.2, 1.3, 1.4], ">= 1.05"),
+                     "y": _common.figure([0.9, 0.95, 1.0, 1.05, 1.1], ">= 0.5"),
+                     "z": _common.figure([1.5, 1.6, 1.7, 1.8, 1.9], ">= 1.0"),
+                     "n": _common.figure([3.0], "exact", exact=True)})
+    current = rows({"x": _common.figure([1.35, 1.4, 1.5, 1.6, 1.7], ">= 1.05"),  # overlaps; median 1.5 > 1.4
+                    "y": _common.figure([0.96, 0.98, 1.0, 1.02, 1.04], ">= 0.5"),  # inside each other
+                    "z": _common.figure([0.1, 0.2, 0.3, 0.4, 0.5], ">= 1.0"),  # apart, and the verdict flips
+                    "n": _common.figure([4.0], "exact", exact=True)})
+    agree = run_all.agreement(previous, current)
+    assert (agree["shared"], agree["overlap"], agree["strict"], agree["verdicts_flipped"]) == (3, 2, 1, 1)
+    text = run_all.agreement_text(agree, "then")
+    assert "2 of 3 timing figures agree" in text and "disagrees: a z: 1.700 (1.500..1.900) then 0.300" in text
+    assert "a x" not in text
+
+
 def test_every_bench_script_is_in_run_all():
     assert {script for _, script, _ in run_all.ALL} == {p.name for p in BENCH.glob("bench_*.py")}
 
