@@ -97,7 +97,7 @@ def cmd_teacher_build(args) -> None:
         if done == "missing":
             print(f"teacher {name}: neither committed nor in parts; training it (`harness teacher train {name}`)")
             cmd_teacher_train(argparse.Namespace(name=name, data=args.data, out=None, seed=0, overwrite=False,
-                                                 skip_eval=False, set=None))
+                                                 skip_eval=False, set=None, continue_from=None))
             continue
         print(f"teacher {name}: {done}" + (f" in {time.perf_counter() - t0:.0f} s" if done != "present" else ""))
 
@@ -110,7 +110,8 @@ def cmd_teacher_train(args) -> None:
     if out.exists() and not args.overwrite:
         raise HarnessError(f"{out} exists; pass --overwrite to retrain")
     stages = stage_settings(parse_overrides(args.set), args.name)
-    summary = train_teacher(args.name, args.data, out, seed=args.seed, stages=stages)
+    summary = train_teacher(args.name, args.data, out, seed=args.seed, stages=stages,
+                            continue_from=args.continue_from)
     print(f"teacher {args.name} written to {out} in {summary['train_time_s']:.0f} s")
     if not args.skip_eval:
         from harness.evaluation.evaluate import evaluate
@@ -201,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--seed", type=int, default=0)
     tt.add_argument("--overwrite", action="store_true")
     tt.add_argument("--skip-eval", action="store_true")
+    tt.add_argument("--continue-from", metavar="DIR",
+                    help="a teacher trained with this plan's first stages: only the later stages run")
     tt.add_argument("--set", action="append", metavar="STAGE.KEY=VALUE",
                     help="override a stage setting: vision.steps=1000, full.epochs=6, full.lr=5e-4, align.max_steps=200")
     tt.set_defaults(func=cmd_teacher_train)

@@ -268,6 +268,41 @@ def test_interrupted_teacher_training_resumes_to_the_same_weights(smol_dir, smol
     assert not ckpt.exists()
 
 
+def test_a_teacher_continued_from_its_first_stages_equals_the_whole_run(smol_dir, smol_world, tmp_path, monkeypatch):
+    """`--continue-from`: a teacher trained with the plan's first stages stands in for them, and the later
+    stages (polish goes on training instruct's adapters) write the whole run's weights byte for byte; a
+    teacher of other settings, or with nothing left to run, is refused."""
+    from harness.synthetic import teachers
+    from harness.synthetic.models import EMBEDDED, build_on_base
+
+    monkeypatch.setattr(teachers, "build_embedded", lambda name, seed=0, scale=None: build_on_base(
+        EMBEDDED[name], seed=seed, layers=2, base_dir=smol_dir))
+    stages = teachers.stage_settings({"vision.steps": 2, "vision.batch_size": 8, "words.steps": 2, "align.max_steps": 1,
+                                      "align.batch_size": 4, "instruct.max_steps": 2, "instruct.batch_size": 4,
+                                      "polish.max_steps": 2, "polish.batch_size": 4}, "smol-llava")
+    whole = teachers.train_teacher("smol-llava", smol_world, tmp_path / "whole", stages=stages, progress=False)
+    assert whole["stages"]["polish"]["steps"] == 2
+    first = dict(teachers.PLANS, **{"smol-llava": teachers.PLANS["smol-llava"][:-1]})
+    with monkeypatch.context() as m:
+        m.setattr(teachers, "PLANS", first)
+        early = {k: v for k, v in stages.items() if k != "polish"}
+        first_stages = teachers.train_teacher("smol-llava", smol_world, tmp_path / "early", stages=early,
+                                              progress=False)
+    continued = teachers.train_teacher("smol-llava", smol_world, tmp_path / "continued", stages=stages,
+                                       progress=False, continue_from=tmp_path / "early")
+    assert continued["continued_from"]["stages"] == ["vision", "words", "align", "instruct"]
+    assert continued["stages"]["instruct"] == json.loads(json.dumps(first_stages["stages"]["instruct"]))
+    assert ((tmp_path / "continued" / "model.safetensors").read_bytes()
+            == (tmp_path / "whole" / "model.safetensors").read_bytes())
+    other = {**stages, "instruct": {**stages["instruct"], "max_steps": 3}}
+    with pytest.raises(HarnessError, match="other instruct settings"):
+        teachers.train_teacher("smol-llava", smol_world, tmp_path / "x", stages=other, continue_from=tmp_path / "early")
+    with pytest.raises(HarnessError, match="with at least one left to run"):
+        teachers.train_teacher("smol-llava", smol_world, tmp_path / "x", stages=stages, continue_from=tmp_path / "whole")
+    with pytest.raises(HarnessError, match="no parts/teacher.json there"):
+        teachers.train_teacher("smol-llava", smol_world, tmp_path / "x", stages=stages, continue_from=tmp_path)
+    assert not (tmp_path / "x").exists() and not (tmp_path / ".x.ckpt").exists()
+
 def test_each_cell_is_aligned_to_the_words_that_tell_it_apart():
     """The words stage's targets: colour and shape (or digit) of the cell, "empty" for an empty one."""
     from harness.synthetic import world
@@ -277,3 +312,45 @@ def test_each_cell_is_aligned_to_the_words_that_tell_it_apart():
     phrases = [cell_phrase(int(kind), int(color)) for kind, color, _ in cell_labels(scene)]
     assert phrases == ["blue square", "empty", "empty", "empty", "empty", "empty", "empty", "red 7", "empty"]
 
+
+
+def _synthetic_mean(scores: dict) -> float:
+    """The bar's mean over the six synthetic benchmarks, MME's perception score as a share of its 800."""
+    from harness.evaluation import SYNTH_PRIMARY
+
+    values = [scores[task][metric] / (800.0 if task == "synth_mme" else 1.0) for task, metric in SYNTH_PRIMARY.items()]
+    return sum(values) / len(values)
+
+
+def test_committed_smol_llava_is_small_meets_the_bar_and_is_what_teacher_train_builds():
+    """The repository holds smol-llava as parts under 50 MB, evaluated at >= 90 % over all six synthetic
+    benchmarks, trained with today's stage settings (a changed default means retraining it)."""
+    from harness.paths import TEACHERS_DIR
+    from harness.synthetic.teachers import PARTS, stage_settings
+
+    parts = TEACHERS_DIR / "smol-llava" / PARTS
+    assert sum(p.stat().st_size for p in parts.iterdir()) < 50e6
+    assert json.loads((parts / "teacher.json").read_text())["settings"] == stage_settings(name="smol-llava")
+    evaluation = json.loads((parts / "eval.json").read_text())
+    assert evaluation["limit"] is None  # every item of every benchmark
+    assert _synthetic_mean(evaluation["scores"]) >= 0.90
+
+
+@pytest.mark.slow
+def test_committed_smol_llava_assembles_byte_exact_within_five_minutes(tmp_path):
+    """`make teachers` on a fresh clone: the base model plus the committed parts give the trained checkpoint,
+    byte for byte (build_teacher checks the recorded sha256 and refuses otherwise)."""
+    import shutil
+    import time
+
+    from harness.paths import TEACHERS_DIR
+    from harness.synthetic.teachers import PARTS, build_teacher
+
+    base.base_lm_dir("smollm2-135m-instruct")  # the one-time conversion is not part of the assembly
+    shutil.copytree(TEACHERS_DIR / "smol-llava" / PARTS, tmp_path / "smol-llava" / PARTS)
+    start = time.perf_counter()
+    assert build_teacher("smol-llava", tmp_path / "smol-llava") == "assembled"
+    assert time.perf_counter() - start < 300
+    record = json.loads((tmp_path / "smol-llava" / PARTS / "teacher.json").read_text())
+    digest = hashlib.sha256((tmp_path / "smol-llava" / "model.safetensors").read_bytes()).hexdigest()
+    assert digest == record["model_sha256"]

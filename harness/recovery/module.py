@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.data.instruct import IGNORE_INDEX
+from harness.errors import HarnessError
 from harness.models.adapter import LMAdapter
 from harness.recovery.recipes import Recipe
 
@@ -84,11 +85,21 @@ def set_trainable(model: nn.Module, recipe: Recipe) -> nn.Module:
     model.requires_grad_(False)
     if recipe.language_model == "lora":  # peft freezes non-adapter weights, so it goes first
         from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.lora import LoraLayer
 
-        config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-                            target_modules=adapter.lora_target)
-        with seeded_rng(derived_seed(recipe.seed, "lora")):
-            inject_adapter_in_model(config, model)
+        present = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        if present:  # a later stage (a teacher's polish) goes on training the adapters an earlier one added
+            shape = (present[0].r.get("default"), present[0].lora_alpha.get("default"))
+            if shape != (recipe.lora_r, recipe.lora_alpha):
+                raise HarnessError(f"the model already carries LoRA adapters of rank {shape[0]} and alpha {shape[1]}; "
+                                   f"the recipe asks for rank {recipe.lora_r} and alpha {recipe.lora_alpha}")
+            for name, param in model.named_parameters():
+                param.requires_grad_(".lora_" in name)
+        else:
+            config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                                target_modules=adapter.lora_target)
+            with seeded_rng(derived_seed(recipe.seed, "lora")):
+                inject_adapter_in_model(config, model)
     elif recipe.language_model == "full":
         adapter.decoder.requires_grad_(True)
         adapter.lm_head.requires_grad_(True)

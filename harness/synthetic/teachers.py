@@ -44,17 +44,19 @@ from harness.synthetic.vision_pretrain import align_projector_to_words, pretrain
 # `instruct` tunes LoRA adapters on a pretrained language model.
 STAGES = {"vision": dict(steps=1000), "align": dict(max_steps=100), "full": dict(epochs=10.0),
           "grow": dict(layers=2, mode="split"), "deep": dict(epochs=6.0, lr=5e-4),
-          "words": dict(steps=300), "instruct": dict(max_steps=1600)}
+          "words": dict(steps=300), "instruct": dict(max_steps=3200), "polish": dict(max_steps=600, lr=2e-4)}
 GROWN = ("vision", "align", "full", "grow", "deep")
 # Each teacher's stages, in order.
-PLANS = {"tiny-llava": GROWN, "tiny-bunny": GROWN, "smol-llava": ("vision", "words", "align", "instruct")}
+PLANS = {"tiny-llava": GROWN, "tiny-bunny": GROWN, "smol-llava": ("vision", "words", "align", "instruct", "polish")}
 # Per-teacher departures from STAGES, as `--set` pairs (docs/teachers.md: teacher quality). tiny-bunny's
 # Phi language model was still improving at six epochs at full depth; smol-llava's 30-layer language
 # model costs ~5 s a step of 16 records on 2 cores, so its alignment takes fewer, smaller steps.
 TEACHER_SETTINGS = {"tiny-bunny": {"deep.epochs": 10.0},
                     "smol-llava": {"align.batch_size": 16, "align.max_steps": 30}}
+# `polish` goes on training instruct's adapters on the same mix, from a lower learning rate down
+# (a second cosine): instruct's answer loss was still falling at its end (docs/teachers.md).
 RECIPES = {"align": "teacher-align", "full": "teacher-full", "deep": "teacher-full",
-           "instruct": "teacher-lora"}  # any recipe field applies
+           "instruct": "teacher-lora", "polish": "teacher-lora"}  # any recipe field applies
 PARTS = "parts"  # subfolder of a teacher on a pretrained LM: what is committed
 
 
@@ -131,8 +133,12 @@ def stage_settings(overrides: dict | None = None, name: str = "tiny-llava") -> d
 
 
 def train_teacher(name: str, data: str | Path, out: str | Path, seed: int = 0, stages: dict | None = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, continue_from: str | Path | None = None) -> dict:
     """Train teacher `name` on the world at `data` and save it to `out`.
+
+    `continue_from` names a teacher on a pretrained LM trained with the first stages of this plan
+    and these settings (a shorter plan, or an earlier version of it): its parts stand in for those
+    stages and only the later ones run, to the weights a run of the whole plan writes.
 
     Training stages checkpoint into `.{out}.ckpt/<stage>/` (every 50 steps and at the stage's
     end), so an interrupted run started again with the same settings resumes where it stopped,
@@ -141,8 +147,11 @@ def train_teacher(name: str, data: str | Path, out: str | Path, seed: int = 0, s
     mid-way. The folder is removed once the teacher is saved."""
     plan = plan_of(name)
     stages = stages or stage_settings(name=name)
-    ckpt_root = _checkpoint_root(Path(out), {"model": name, "seed": seed, "settings": stages,
-                                             "data": str(Path(data))})
+    run = {"model": name, "seed": seed, "settings": stages, "data": str(Path(data))}
+    earlier = _earlier_run(name, seed, stages, continue_from) if continue_from is not None else None
+    if earlier:
+        run["continue_from"] = earlier["model_sha256"]
+    ckpt_root = _checkpoint_root(Path(out), run)
     scale = None
     if "grow" in plan:
         depth = EMBEDDED[name].text.get("num_hidden_layers", 12)
@@ -155,11 +164,22 @@ def train_teacher(name: str, data: str | Path, out: str | Path, seed: int = 0, s
     if EMBEDDED[name].base_lm:
         summary["text_perplexity"] = {"base": text_perplexity(model, processor.tokenizer)}
     t0 = time.perf_counter()
-    summary["stages"]["vision"] = pretrain_vision(model, processor, seed=seed, progress=progress, **stages["vision"])
-    standardize_projector_input(model, processor, seed=seed)
+    done, lora = (), None
+    if earlier:
+        done = plan[:len(earlier["settings"])]
+        lora = get_recipe("lora-sft", **earlier["lora"]) if earlier.get("lora") else None
+        model = _load_parts(name, model, Path(continue_from))
+        summary["stages"] = {stage: earlier["stages"][stage] for stage in done if stage in earlier["stages"]}
+        summary["continued_from"] = {"model_sha256": earlier["model_sha256"], "stages": list(done),
+                                     "train_time_s": earlier.get("train_time_s")}
+    else:
+        summary["stages"]["vision"] = pretrain_vision(model, processor, seed=seed, progress=progress,
+                                                      **stages["vision"])
+        standardize_projector_input(model, processor, seed=seed)
     captions = Path(data) / "align.json"
-    lora = None
     for stage in plan[1:]:
+        if stage in done:
+            continue
         if stage == "words":
             summary["stages"]["words"] = align_projector_to_words(model, processor, seed=seed, progress=progress,
                                                                   **stages["words"])
@@ -191,6 +211,43 @@ def train_teacher(name: str, data: str | Path, out: str | Path, seed: int = 0, s
         save_model(model, processor, Path(out), {"teacher.json": summary})
     shutil.rmtree(ckpt_root, ignore_errors=True)
     return summary
+
+
+def _earlier_run(name: str, seed: int, stages: dict, path: str | Path) -> dict:
+    """The record of the teacher at `path`, checked to be the first stages of this run (same settings)."""
+    record_file = Path(path) / PARTS / "teacher.json"
+    if not record_file.exists():
+        raise HarnessError(f"cannot continue from {path}: no {PARTS}/teacher.json there (only a teacher on a "
+                           "pretrained language model, saved with its parts, can be continued)")
+    record = read_json(record_file)
+    plan = plan_of(name)
+    done = tuple(stage for stage in plan if stage in record["settings"])  # the record's keys are sorted
+    if record["model"] != name or record["seed"] != seed:
+        raise HarnessError(f"cannot continue from {path}: it is {record['model']} seed {record['seed']}, "
+                           f"this run is {name} seed {seed}")
+    if done != plan[:len(record["settings"])] or len(done) >= len(plan):
+        raise HarnessError(f"cannot continue from {path}: its stages {', '.join(record['settings'])} are not the first stages "
+                           f"of {name}'s {', '.join(plan)} with at least one left to run")
+    differ = [stage for stage in done if record["settings"][stage] != json.loads(json.dumps(stages[stage]))]
+    if differ:
+        raise HarnessError(f"cannot continue from {path}: it was trained with other {', '.join(differ)} settings "
+                           f"({record['settings'][differ[0]]} against {stages[differ[0]]})")
+    return record
+
+
+def _load_parts(name: str, model, path: Path):
+    """`model` (freshly built) with the parts at `path` loaded: vision tower, projector, LoRA adapters."""
+    from safetensors.torch import load_file
+
+    parts_file = path / PARTS / "parts.safetensors"
+    record = read_json(path / PARTS / "teacher.json")
+    parts = load_file(str(parts_file))
+    if record.get("lora"):
+        set_trainable(model, get_recipe("lora-sft", **record["lora"]))
+    unexpected = model.load_state_dict(parts, strict=False).unexpected_keys
+    if unexpected or len(parts) == 0:
+        raise HarnessError(f"{parts_file} does not fit {name} (unexpected: {unexpected[:3]})")
+    return model
 
 
 def _checkpoint_root(out: Path, run: dict) -> Path:
@@ -271,8 +328,6 @@ def build_teacher(name: str, out: str | Path, force: bool = False) -> str:
 
     Returns "present", "assembled", or "missing" (neither checkpoint nor parts: it must be trained).
     """
-    from safetensors.torch import load_file
-
     plan_of(name)
     out = Path(out)
     if (out / "config.json").exists() and (out / "model.safetensors").exists() and not force:
@@ -281,13 +336,8 @@ def build_teacher(name: str, out: str | Path, force: bool = False) -> str:
     if not (parts_dir / "parts.safetensors").exists():
         return "missing"
     record = read_json(parts_dir / "teacher.json")
-    parts = load_file(str(parts_dir / "parts.safetensors"))
     model, processor = build_embedded(name, seed=record["seed"])
-    if record.get("lora"):
-        set_trainable(model, get_recipe("lora-sft", **record["lora"]))
-    unexpected = model.load_state_dict(parts, strict=False).unexpected_keys
-    if unexpected or len(parts) == 0:
-        raise HarnessError(f"{parts_dir / 'parts.safetensors'} does not fit {name} (unexpected: {unexpected[:3]})")
+    model = _load_parts(name, model, out)
     eval_file = parts_dir / "eval.json"
     _save_with_parts(model, processor, out, record, read_json(eval_file) if eval_file.exists() else None)
     return "assembled"
