@@ -200,7 +200,8 @@ def test_teacher_parts_assemble_byte_exact_and_a_different_base_is_refused(smol_
 
     monkeypatch.setattr(teachers, "build_embedded", truncated)
     stages = teachers.stage_settings({"vision.steps": 2, "vision.batch_size": 8, "words.steps": 2, "align.max_steps": 1,
-                                      "align.batch_size": 4, "instruct.max_steps": 2, "instruct.batch_size": 4},
+                                      "align.batch_size": 4, "instruct.max_steps": 2, "instruct.batch_size": 4,
+                                      "polish.max_steps": 1, "polish.batch_size": 4},
                                      "smol-llava")
     out = tmp_path / "smol-llava"
     teachers.train_teacher("smol-llava", smol_world, out, stages=stages, progress=False)
@@ -233,7 +234,8 @@ def test_interrupted_teacher_training_resumes_to_the_same_weights(smol_dir, smol
     monkeypatch.setattr(teachers, "build_embedded", lambda name, seed=0, scale=None: build_on_base(
         EMBEDDED[name], seed=seed, layers=2, base_dir=smol_dir))
     stages = teachers.stage_settings({"vision.steps": 2, "vision.batch_size": 8, "words.steps": 2, "align.max_steps": 2,
-                                      "align.batch_size": 4, "instruct.max_steps": 4, "instruct.batch_size": 4},
+                                      "align.batch_size": 4, "instruct.max_steps": 4, "instruct.batch_size": 4,
+                                      "polish.max_steps": 2, "polish.batch_size": 4},
                                      "smol-llava")
     teachers.train_teacher("smol-llava", smol_world, tmp_path / "whole", stages=stages, progress=False)
 
