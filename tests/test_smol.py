@@ -339,20 +339,18 @@ def test_committed_smol_llava_is_small_meets_the_bar_and_is_what_teacher_train_b
 
 
 @pytest.mark.slow
-def test_committed_smol_llava_assembles_byte_exact_within_five_minutes(tmp_path):
+def test_committed_smol_llava_assembles_byte_exact(tmp_path):
     """`make teachers` on a fresh clone: the base model plus the committed parts give the trained checkpoint,
-    byte for byte (build_teacher checks the recorded sha256 and refuses otherwise)."""
+    byte for byte (build_teacher checks the recorded sha256 and refuses otherwise). Its time is not
+    asserted here (a speed goal is not a test): `make teachers` prints it."""
     import shutil
-    import time
 
     from harness.paths import TEACHERS_DIR
     from harness.synthetic.teachers import PARTS, build_teacher
 
     base.base_lm_dir("smollm2-135m-instruct")  # the one-time conversion is not part of the assembly
     shutil.copytree(TEACHERS_DIR / "smol-llava" / PARTS, tmp_path / "smol-llava" / PARTS)
-    start = time.perf_counter()
     assert build_teacher("smol-llava", tmp_path / "smol-llava") == "assembled"
-    assert time.perf_counter() - start < 300
     record = json.loads((tmp_path / "smol-llava" / PARTS / "teacher.json").read_text())
     digest = hashlib.sha256((tmp_path / "smol-llava" / "model.safetensors").read_bytes()).hexdigest()
     assert digest == record["model_sha256"]
