@@ -148,7 +148,7 @@ def train_teacher(name: str, data: str | Path, out: str | Path, seed: int = 0, s
     plan = plan_of(name)
     stages = stages or stage_settings(name=name)
     run = {"model": name, "seed": seed, "settings": stages, "data": str(Path(data))}
-    earlier = _earlier_run(name, seed, stages, continue_from) if continue_from is not None else None
+    earlier, done = _earlier_run(name, seed, stages, continue_from) if continue_from is not None else (None, ())
     if earlier:
         run["continue_from"] = earlier["model_sha256"]
     ckpt_root = _checkpoint_root(Path(out), run)
@@ -164,9 +164,8 @@ def train_teacher(name: str, data: str | Path, out: str | Path, seed: int = 0, s
     if EMBEDDED[name].base_lm:
         summary["text_perplexity"] = {"base": text_perplexity(model, processor.tokenizer)}
     t0 = time.perf_counter()
-    done, lora = (), None
+    lora = None
     if earlier:
-        done = plan[:len(earlier["settings"])]
         lora = get_recipe("lora-sft", **earlier["lora"]) if earlier.get("lora") else None
         model = _load_parts(name, model, Path(continue_from))
         summary["stages"] = {stage: earlier["stages"][stage] for stage in done if stage in earlier["stages"]}
@@ -213,26 +212,27 @@ def train_teacher(name: str, data: str | Path, out: str | Path, seed: int = 0, s
     return summary
 
 
-def _earlier_run(name: str, seed: int, stages: dict, path: str | Path) -> dict:
-    """The record of the teacher at `path`, checked to be the first stages of this run (same settings)."""
+def _earlier_run(name: str, seed: int, stages: dict, path: str | Path) -> tuple[dict, tuple[str, ...]]:
+    """The record of the teacher at `path` and the stages it stands in for: the first stages of this
+    run's plan, trained with the same settings (checked)."""
     record_file = Path(path) / PARTS / "teacher.json"
     if not record_file.exists():
         raise HarnessError(f"cannot continue from {path}: no {PARTS}/teacher.json there (only a teacher on a "
                            "pretrained language model, saved with its parts, can be continued)")
     record = read_json(record_file)
     plan = plan_of(name)
-    done = tuple(stage for stage in plan if stage in record["settings"])  # the record's keys are sorted
+    done = plan[:len(record["settings"])]
     if record["model"] != name or record["seed"] != seed:
         raise HarnessError(f"cannot continue from {path}: it is {record['model']} seed {record['seed']}, "
                            f"this run is {name} seed {seed}")
-    if done != plan[:len(record["settings"])] or len(done) >= len(plan):
+    if set(done) != set(record["settings"]) or len(done) >= len(plan):  # the record's keys are sorted
         raise HarnessError(f"cannot continue from {path}: its stages {', '.join(record['settings'])} are not the first stages "
                            f"of {name}'s {', '.join(plan)} with at least one left to run")
     differ = [stage for stage in done if record["settings"][stage] != json.loads(json.dumps(stages[stage]))]
     if differ:
         raise HarnessError(f"cannot continue from {path}: it was trained with other {', '.join(differ)} settings "
                            f"({record['settings'][differ[0]]} against {stages[differ[0]]})")
-    return record
+    return record, done
 
 
 def _load_parts(name: str, model, path: Path):
