@@ -57,12 +57,12 @@ $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
 	$(VENV)/bin/pip install -q -c constraints.txt -e ".[bench]"
 	touch $@
 
-# The performance goals (about 20 min on 2 cores): results/bench/*.json, summary.json and the table.
-bench: bench-install
+# The performance goals (about 15 min on 2 cores): results/bench/*.json, summary.json and the table.
+bench: bench-install data
 	$(PY) benchmarks/run_all.py
 
 # Also the extra benchmarks (about 20 min more): mid-size random-weight model, tiny-llava, memory estimates.
-bench-all: bench-install
+bench-all: bench-install data
 	$(PY) benchmarks/run_all.py --all
 
 wandb-sync: install

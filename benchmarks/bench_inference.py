@@ -31,16 +31,20 @@ reproducible setting).
   is cropped back to the prompt before every repetition), batch 1 and 8.
 
 Method: all models live in one process; after one warm-up round, each round times every model
-once, in an order rotated every round, so slow phases of a contended machine hit all models
-alike. Per round, speedup = baseline time / pruned time of that round (paired), and
-efficiency = speedup / ideal speedup; a point's figure is the median over rounds with its
-spread (the order-statistic interval of the median, `_common.figure`: with the default 6 rounds,
-and 5 for the costly prefill at batch 8, the lowest..highest round),
-and a verdict only where the spread lies on one side of the goal. Two clocks are read around
-every call: the process's CPU time (the headline: with one thread all the work runs on the
-calling thread, so it is what the work costs on a core, without the time the OS gives other
-jobs) and wall time (in the JSON rows). The fastest-round figures of earlier versions are kept
-in the rows too.
+once, in an order rotated every round and interleaved step by step (decode: step 1 of every
+model, then step 2 of every model, ...; a prefill is one step), so slow phases of a contended
+machine, even those shorter than one model's call, hit all models alike. Per round, speedup =
+baseline time / pruned time of that round (paired), and efficiency = speedup / ideal speedup;
+a point's figure is the median over rounds with its spread (the order-statistic interval of
+the median, `_common.figure`: with the default 8 rounds, the second lowest..second highest
+round; with the 5 of the costly prefill at batch 8, the lowest..highest), and a verdict only
+where the spread lies on one side of the goal. Two clocks are read around every step: the
+process's CPU time (the headline: with one thread all the work runs on the calling thread, so
+it is what the work costs on a core, without the time the OS gives other jobs) and wall time
+(in the JSON rows). The fastest-round figures of earlier versions are kept in the rows too.
+Each row also records the page faults per call: glibc returns every large block to the OS
+when it is freed, so a prefill at batch 8 faults its 201 MB of logits in anew on every call
+(49152 faults), the same cost for every model and outside the MACs.
 
 Ideal speedup = language-model MACs before / after for exactly the timed work
 (`harness.models.flops.lm_macs_for_tokens`: linears + attention scores at the real context
@@ -51,12 +55,13 @@ Diagnostics, to explain what falls short (each point that does not meet its goal
 note built from them): width-pruned variants without rounding (`--compare-round-to 1`) and,
 on grouped-query models, with `attn_unit query` (`--compare-attn-unit`), at `--compare-ratios`;
 one layer's MLP GEMMs at the width each round_to gives (`round_to_sweep`); in the
-`--decompose` modes (default: decode at batch 1, where per-call costs show) the LM's linear layers alone, timed in the same
-rounds, which splits each model's time into the part MACs describe and the rest; and a fit of
-time against the number of layers over the layer-pruned models (`layer_fit`).
+`--decompose` modes (default: decode at batch 1 and 8, where per-call costs show) the LM's
+linear layers alone, timed in the same rounds, which splits each model's time into the part
+MACs describe and the rest; and a fit of time (and of MACs) against the number of layers over
+the layer-pruned models (`layer_fit`).
 
     .venv/bin/python benchmarks/bench_inference.py [--model mid|smol] [--json results/bench/inference.json]
-        [--threads 1] [--rounds 6] [--prompt 128] [--steps 16] [--round-to 64] [--ratios 0.15,0.3,0.45]
+        [--threads 1] [--rounds 8] [--prompt 128] [--steps 16] [--round-to 64] [--ratios 0.15,0.3,0.45]
         [--modes prefill:1,prefill:8,decode:1,decode:8] [--layers N] [--quick]
 
 `--quick`: a 4-layer copy of the model, one ratio, a 16-token prompt, 2 decode steps, one round
@@ -66,7 +71,9 @@ and no warm-up: a smoke run of seconds (figures meaningless, verdicts inconclusi
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
+import resource
 import statistics
 import sys
 import time
@@ -204,42 +211,56 @@ def _tokens(model: nn.Module, batch: int, length: int, seed: int) -> torch.Tenso
     return torch.where(ids == image, torch.full_like(ids, 5), ids)
 
 
-def prefill_runner(model: nn.Module, batch: int, prompt: int, seed: int = 0):
-    """A callable running one prefill forward (fresh KV cache); returns the logits."""
+class Work:
+    """One repetition of the timed work as slices that run in order (decode: one slice per step; the linear layers:
+    one slice per pass). `interleaved_times` alternates the models slice by slice, so a slow phase of the machine
+    shorter than a repetition still falls on every model alike. Calling it runs the whole repetition."""
+
+    def __init__(self, slices: list):
+        self.slices = slices
+
+    def __call__(self):
+        out = None
+        for step in self.slices:
+            out = step()
+        return out
+
+
+def prefill_runner(model: nn.Module, batch: int, prompt: int, seed: int = 0) -> Work:
+    """One prefill forward (fresh KV cache), a single slice; returns the logits."""
     ids = _tokens(model, batch, prompt, seed)
 
     def run():
         return model(input_ids=ids, use_cache=True).logits
 
-    return run
+    return Work([run])
 
 
-def decode_runner(model: nn.Module, batch: int, prompt: int, steps: int, seed: int = 0):
-    """A callable running `steps` cached single-token forwards after a (pre-computed) prompt; returns the last logits."""
+def decode_runner(model: nn.Module, batch: int, prompt: int, steps: int, seed: int = 0) -> Work:
+    """`steps` cached single-token forwards after a (pre-computed) prompt, one slice each; returns the last logits.
+    The first slice crops the cache back to the prompt, so every repetition decodes the same tokens."""
     ids = _tokens(model, batch, prompt, seed)
     step_ids = _tokens(model, batch, steps, seed + 1)
     with torch.inference_mode():
         cache = model(input_ids=ids, use_cache=True).cache
 
-    def run():
-        cache.crop(prompt - cache.get_seq_length())  # transformers 5: a negative count of tokens to drop
-        logits = None
-        for i in range(steps):
-            logits = model(input_ids=step_ids[:, i:i + 1], cache=cache, use_cache=True).logits
-        return logits
+    def step(i: int):
+        if i == 0:
+            cache.crop(prompt - cache.get_seq_length())  # transformers 5: a negative count of tokens to drop
+        return model(input_ids=step_ids[:, i:i + 1], cache=cache, use_cache=True).logits
 
-    return run
+    return Work([functools.partial(step, i) for i in range(steps)])
 
 
-def runner(model: nn.Module, mode: str, batch: int, prompt: int, steps: int):
+def runner(model: nn.Module, mode: str, batch: int, prompt: int, steps: int) -> Work:
     if mode == "prefill":
         return prefill_runner(model, batch, prompt)
     return decode_runner(model, batch, prompt, steps)
 
 
-def linear_runner(model: nn.Module, batch: int, tokens: int, calls: int, seed: int = 0):
-    """A callable running only the LM's linear layers (decoder linears + LM head) on [batch, tokens] inputs, `calls`
-    times: the part of the work that MACs count, without attention, norms, cache updates or Python module overhead."""
+def linear_runner(model: nn.Module, batch: int, tokens: int, calls: int, seed: int = 0) -> Work:
+    """Only the LM's linear layers (decoder linears + LM head) on [batch, tokens] inputs, `calls` passes (one slice
+    each): the part of the work that MACs count, without attention, norms, cache updates or Python module overhead."""
     from harness.models.adapter import LMAdapter
 
     a = LMAdapter(model)
@@ -248,33 +269,47 @@ def linear_runner(model: nn.Module, batch: int, tokens: int, calls: int, seed: i
     inputs = [torch.randn(batch, tokens, lin.in_features, generator=g, dtype=lin.weight.dtype) for lin in linears]
 
     def run():
-        for _ in range(calls):
-            for lin, x in zip(linears, inputs, strict=True):
-                lin(x)
+        for lin, x in zip(linears, inputs, strict=True):
+            lin(x)
 
-    return run
+    return Work([run] * calls)
 
 
 def interleaved_times(runs: dict, rounds: int, warmup: int = 1) -> dict[str, dict[str, list[float]]]:
-    """Per clock ("cpu": process CPU time, "wall"), seconds of each callable per round.
+    """Per clock ("cpu": process CPU time, "wall"), seconds of each run (a `Work` or a plain callable) per round;
+    under "faults", the page faults (minor) each run caused in the round.
 
-    Every round runs each callable once, in an order rotated each round.
+    Every round runs each once, in an order rotated each round, interleaved slice by slice: slice 1 of every
+    run, then slice 2 of every run, and so on; a run's time in the round is the sum of its slices.
     """
     names = list(runs)
-    times = {"cpu": {name: [] for name in names}, "wall": {name: [] for name in names}}
+    works = {name: run if isinstance(run, Work) else Work([run]) for name, run in runs.items()}
+    times = {clock: {name: [] for name in names} for clock in ("cpu", "wall", "faults")}
     with torch.inference_mode():
         for _ in range(warmup):
             for name in names:
-                runs[name]()
+                works[name]()
         for r in range(rounds):
+            order = names[r % len(names):] + names[: r % len(names)]
+            cpu, wall, faults = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
             gc.collect()
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                gc.disable()
-                cpu, wall = time.process_time(), time.perf_counter()
-                runs[name]()
-                times["wall"][name].append(time.perf_counter() - wall)
-                times["cpu"][name].append(time.process_time() - cpu)
+            gc.disable()
+            try:
+                for i in range(max(len(w.slices) for w in works.values())):
+                    for name in order:
+                        if i < len(works[name].slices):
+                            f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                            c, w = time.process_time(), time.perf_counter()
+                            works[name].slices[i]()
+                            wall[name] += time.perf_counter() - w
+                            cpu[name] += time.process_time() - c
+                            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
+            finally:
                 gc.enable()
+            for name in names:
+                times["cpu"][name].append(cpu[name])
+                times["wall"][name].append(wall[name])
+                times["faults"][name].append(faults[name])
     return times
 
 
@@ -300,6 +335,9 @@ def summarise(base: Variant, variant: Variant, times: dict, mode: str, batch: in
                       "fastest_round_efficiency": min(t_base) / min(t_var) / ideal,
                       "spread_base": max(t_base) / min(t_base), "spread_pruned": max(t_var) / min(t_var)}
     row["efficiency"] = row[PRIMARY_CLOCK]["efficiency"]
+    if "faults" in times:
+        row["page_faults_per_call"] = {"base": statistics.median(times["faults"][base.name]),
+                                       "pruned": statistics.median(times["faults"][variant.name])}
     lin_base, lin_var = f"{base.name} [linears]", f"{variant.name} [linears]"
     if lin_var in times[PRIMARY_CLOCK]:
         from harness.models.flops import lm_linear_macs
@@ -321,7 +359,7 @@ def summarise(base: Variant, variant: Variant, times: dict, mode: str, batch: in
 
 
 def bench(all_variants: list[Variant], modes=MODES, prompt: int = 128, steps: int = 32, rounds: int = 8,
-          rounds_for=None, decompose=(("decode", 1),), warmup: int = 1, log=print) -> list[dict]:
+          rounds_for=None, decompose=(("decode", 1), ("decode", 8)), warmup: int = 1, log=print) -> list[dict]:
     """Time every mode on every variant (interleaved) and summarise each pruned variant against the baseline.
 
     In the `decompose` modes the linear layers alone are timed too (same rounds), which splits each
@@ -402,25 +440,36 @@ def round_to_sweep(base: nn.Module, ratio: float = 0.3, round_tos=(1, 8, 32, 64)
     return out
 
 
+def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares slope and intercept of y against x."""
+    n = len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else float("nan")
+    return slope, my - slope * mx
+
+
 def layer_fit(rows: list[dict], all_variants: list[Variant]) -> dict:
     """Per mode: least-squares fit of the median time per call against the number of decoder layers, over the
     baseline and the layer-pruned models. The intercept is the per-call cost that no layer carries (embeddings,
-    LM head, final norm, masks, the wrapper's Python): what layer pruning cannot remove."""
+    LM head, final norm, masks, the wrapper's Python): what layer pruning cannot remove. The same fit of the MACs
+    (from the ideal speedups) gives the share of the work's MACs that no layer carries (the LM head): when the
+    time share is larger, that part runs slower per MAC than the layers, and layer pruning falls short of its
+    MAC-ideal speedup by that much."""
     layers = {v.name: bi_layers(v.model) for v in all_variants}
     fits = {}
     for key in sorted({(r["mode"], r["batch"]) for r in rows}):
-        mine = [r for r in rows if (r["mode"], r["batch"]) == key and r["kind"] == "layer"]
+        mine = [r for r in rows if (r["mode"], r["batch"]) == key and r["kind"] == "layer" and not r.get("tag")]
         if not mine:
             continue
         points = [(layers["base"], mine[0][PRIMARY_CLOCK]["base_ms"])]
         points += [(layers[r["variant"]], r[PRIMARY_CLOCK]["pruned_ms"]) for r in mine]
-        n = len(points)
-        mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
-        sxx = sum((x - mx) ** 2 for x, _ in points)
-        slope = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else float("nan")
-        intercept = my - slope * mx
+        slope, intercept = _line(points)
+        _, mac_intercept = _line([(layers["base"], 1.0)] + [(layers[r["variant"]], 1 / r["ideal_speedup"])
+                                                              for r in mine])
         fits[f"{key[0]}_b{key[1]}"] = {"ms_per_layer": slope, "ms_fixed": intercept,
-                                       "fixed_share_of_base": intercept / points[0][1], "points": points}
+                                       "fixed_share_of_base": intercept / points[0][1],
+                                       "fixed_mac_share_of_base": mac_intercept, "points": points}
     return fits
 
 
@@ -446,7 +495,11 @@ def explain(row: dict, fits: dict | None = None) -> str:
     fit = (fits or {}).get(f"{row['mode']}_b{row['batch']}")
     if fit and row["kind"] == "layer":
         parts.append(f"per-call cost no layer carries: {fit['ms_fixed']:.1f} ms, {fit['fixed_share_of_base']:.0%} "
-                     "of the unpruned time (layer fit)")
+                     f"of the unpruned time against {fit['fixed_mac_share_of_base']:.0%} of its MACs (layer fit)")
+    faults = row.get("page_faults_per_call", {})
+    if faults.get("base", 0) >= 1000:
+        parts.append(f"{faults['base']:.0f} page faults per unpruned call ({faults['pruned']:.0f} pruned): memory "
+                     "handed back to the OS and faulted in anew on every call, the same for every model")
     if not parts:
         parts.append(f"no decomposition in this mode (see --decompose); unpruned {row[PRIMARY_CLOCK]['base_ms']:.1f} ms")
     return "; ".join(parts)
@@ -485,7 +538,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--layers", type=int, default=None, help="smol: keep only the first N decoder layers")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (fixed for the whole run)")
-    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds per mode (5 for prefill batch 8)")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds per mode (5 for prefill batch 8)")
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (prefill length, decode context)")
     parser.add_argument("--steps", type=int, default=16, help="decode steps per repetition")
     parser.add_argument("--ratios", default="0.15,0.3,0.45")
@@ -497,7 +550,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compare-ratios", default=None, help="ratios of the comparison variants (default 0.3)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the MLP GEMM sweep over round_to values")
     parser.add_argument("--modes", default="prefill:1,prefill:8,decode:1,decode:8", help="MODE:BATCH list")
-    parser.add_argument("--decompose", default="decode:1",
+    parser.add_argument("--decompose", default="decode:1,decode:8",
                         help="MODE:BATCH list where the linear layers are also timed alone ('' for none)")
     parser.add_argument("--quick", action="store_true", help="4-layer model, one ratio, one round: a smoke run")
     args = parser.parse_args(argv)
@@ -559,12 +612,14 @@ def main(argv: list[str] | None = None) -> dict:
     fits = layer_fit(rows, all_variants)
     for key, fit in fits.items():
         print(f"-- {key}: time per call ~ {fit['ms_fixed']:.1f} ms + {fit['ms_per_layer']:.1f} ms x layers "
-              f"(fixed part {fit['fixed_share_of_base']:.1%} of the baseline)")
+              f"(fixed part {fit['fixed_share_of_base']:.1%} of the baseline's time, "
+              f"{fit['fixed_mac_share_of_base']:.1%} of its MACs)")
     figures = headline(rows, args.round_to, sweep, fits)
     details = {
         "model": {"which": args.model, "builder": spec["builder"], **model_info, "lm_params": lm_params,
                   **widths(base)},
-        "timing": {"threads": args.threads, "rounds": rounds, "prompt": args.prompt, "decode_steps": args.steps,
+        "timing": {"threads": args.threads, "rounds": rounds,
+                   "prompt": args.prompt, "decode_steps": args.steps,
                    "dtype": "float32", "what": "LM forward through the LLaVA wrapper, text tokens only",
                    "statistic": "median over interleaved rounds of the per-round (paired) efficiency, with the "
                                 "order-statistic interval of the median", "quick": args.quick},

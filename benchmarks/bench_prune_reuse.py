@@ -14,7 +14,9 @@ total <= 1.3x one ratio. Timings on a shared machine are noisy, so each repeat t
 one-ratio call and the five-ratio runs side by side (A B A B over repeats) and forms its ratio;
 the figure is the median of the per-repeat ratios with its spread (`_common.figure`), next to
 the median time of each component (model loading, fingerprint, calibration selection, scoring
-or score loading, surgery, saving). `--quick`: one repeat, no warm-up, 4 calibration samples.
+or score loading, surgery, saving). Before every timed call the files of earlier calls are
+flushed to disk (`os.sync`, untimed) and each repeat's outputs are deleted after it, so a call
+never pays for the write-back of another's checkpoints. `--quick`: one repeat, no warm-up, 4 calibration samples.
 
     .venv/bin/python benchmarks/bench_prune_reuse.py [--model tiny-llava] [--method layer-bi width-taylor]
         [--repeats 5] [--one-call-only] [--json PATH] [--quick]
@@ -28,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -71,7 +75,11 @@ class Clock:
         return timed
 
     def call(self, fn, *args, **kwargs) -> dict[str, float]:
-        """Run one call; its total seconds and those of each component (`other`: the rest)."""
+        """Run one call; its total seconds and those of each component (`other`: the rest).
+
+        The files earlier calls wrote are flushed to disk first (`os.sync`, untimed), so no call pays for another
+        call's write-back: each costs what one `harness prune` run costs on its own."""
+        os.sync()
         self.spent.clear()
         start = time.perf_counter()
         fn(*args, **kwargs)
@@ -109,8 +117,11 @@ def bench_method(checkpoint: Path, data: Path, method: str, root: Path, repeats:
     if warmup:  # imports, dataset cache, first-call costs: one call of one ratio pays them all
         clock.call(prune, str(checkpoint), method, RATIOS[0], root / f"{method}-warmup" / "out", data=data,
                    importance_dir=root / f"{method}-warmup" / "importance", **overrides)
-    runs = [one_repeat(clock, checkpoint, data, method, root / f"{method}-run{k}", separate=separate, **overrides)
-            for k in range(repeats)]
+    runs = []
+    for k in range(repeats):
+        work = root / f"{method}-run{k}"
+        runs.append(one_repeat(clock, checkpoint, data, method, work, separate=separate, **overrides))
+        shutil.rmtree(work)  # a repeat's checkpoints are not needed again (on smol-llava, 2 GB per repeat)
     for k, run in enumerate(runs):
         times = [c["total"] for c in run["separate"]]
         print(f"{method} run {k}: one ratio {times[0]:.3f}s; " +

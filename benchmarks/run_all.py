@@ -48,7 +48,7 @@ sys.path.insert(0, str(HERE))
 from _common import figure  # noqa: E402
 
 # (name, script, extra arguments), cheapest first. `make bench`: the performance goals, measured on the
-# real weights of SmolLM2-135M where a model is timed (about 20 min on 2 cores).
+# real weights of SmolLM2-135M where a model is timed (about 15 min on 2 cores).
 BENCHMARKS = [
     ("grid_overhead", "bench_grid_overhead.py", []),
     ("eval_plugin", "bench_eval_plugin.py", []),
@@ -250,8 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         if summary_file.exists() and not args.quick:  # run to run: does this run agree with the one it replaces?
             previous = json.loads(summary_file.read_text())
             summary["previous_run"] = {"finished": previous.get("finished", "?"),
+                                       "cpu_model": previous.get("machine", {}).get("cpu_model", "?"),
                                        **agreement(previous.get("rows", []), rows)}
             compared = agreement_text(summary["previous_run"], summary["previous_run"]["finished"])
+            if summary["previous_run"]["cpu_model"] != machine.get("cpu_model", "?"):  # another machine kind
+                compared += (f"\n  (the previous run was on another CPU, {summary['previous_run']['cpu_model']}: "
+                             "a comparison across machines, not a test of run-to-run agreement)")
         summary_file.write_text(json.dumps(summary, indent=1) + "\n")
     elif summary_file.exists() and not args.quick:  # a re-run of some: their rows and times replace the old ones
         old = json.loads(summary_file.read_text())

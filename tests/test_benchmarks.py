@@ -280,11 +280,27 @@ def test_taylor_estimate_counts_a_gradient_for_every_scored_weight(name):
 def test_layer_fit_recovers_a_line(tiny_variants):
     base, layer = tiny_variants[0], tiny_variants[1]
     kept = bi.widths(layer.model)["layers"]
-    row = {"mode": "decode", "batch": 1, "kind": "layer", "variant": layer.name,
+    # time 1 ms + 2 ms per layer; MACs (relative to the base's) 0.25 + 0.1875 per layer
+    row = {"mode": "decode", "batch": 1, "kind": "layer", "variant": layer.name, "ideal_speedup": 1 / (0.25 + 0.1875 * kept),
            "cpu": {"base_ms": 1.0 + 2.0 * 4, "pruned_ms": 1.0 + 2.0 * kept}}
     fit = bi.layer_fit([row], [base, layer])["decode_b1"]
     assert fit["ms_per_layer"] == pytest.approx(2.0) and fit["ms_fixed"] == pytest.approx(1.0)
     assert fit["fixed_share_of_base"] == pytest.approx(1 / 9)
+    assert fit["fixed_mac_share_of_base"] == pytest.approx(0.25)
+
+
+def test_interleaved_times_alternate_models_step_by_step():
+    """Within a round, step i of every model runs before step i + 1 of any (order rotated per round); a model's time
+    in the round is the sum of its steps."""
+    calls = []
+    runs = {name: bi.Work([lambda name=name, i=i: calls.append((name, i)) for i in range(3)]) for name in "ab"}
+    runs["c"] = lambda: calls.append(("c", 0))  # a plain callable is one step
+    times = bi.interleaved_times(runs, rounds=2, warmup=1)
+    warm = [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("b", 2), ("c", 0)]
+    assert calls[:7] == warm
+    assert calls[7:14] == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+    assert calls[14:] == [("b", 0), ("c", 0), ("a", 0), ("b", 1), ("a", 1), ("b", 2), ("a", 2)]
+    assert all(len(times[clock][name]) == 2 for clock in ("cpu", "wall") for name in "abc")
 
 
 @pytest.mark.parametrize("image", ["text", "oracle", "tower"])
@@ -301,3 +317,13 @@ def test_teacher_probe_scores_every_family_and_repeats(image):
     again = teacher_probe.main(argv)
     assert [{k: v for k, v in line.items() if k != "seconds"} for line in again] == \
         [{k: v for k, v in line.items() if k != "seconds"} for line in first]
+
+
+
+def test_explain_states_page_faults_and_interleaved_times_count_them():
+    row = {"mode": "prefill", "batch": 8, "kind": "width", "cpu": {"base_ms": 10.0},
+           "page_faults_per_call": {"base": 49152, "pruned": 49150}}
+    assert "49152 page faults per unpruned call (49150 pruned)" in bi.explain(row)
+    buffers = []
+    times = bi.interleaved_times({"grow": lambda: buffers.append(bytearray(2**24))}, rounds=2, warmup=0)
+    assert all(f >= 2**24 // 4096 // 2 for f in times["faults"]["grow"])  # 16 MB of fresh pages per call
